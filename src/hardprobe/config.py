@@ -1,0 +1,123 @@
+"""Typed run configuration: YAML in, CLI flags on top, resolved config out.
+
+Unknown keys and wrong types are errors, never ignored: a typo in a config file must not
+silently run with a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    # backbone
+    model: str = "cifar_resnet56"
+    weights: str | None = None  # weights file for offline use
+    weights_tag: str | None = None  # e.g. IMAGENET1K_V1 for resnet50
+    random_init: bool = False  # tests and speed runs only
+    trust_weights: bool = False  # allow unpickling a weights file (only for files you trust)
+    image_size: int | None = None
+    # data
+    data: str = "cifar10"  # cifar10 | imagefolder
+    data_root: str = "data"  # cifar10: folder holding cifar-10-batches-py
+    train: str | None = None  # imagefolder train folder
+    test: str | None = None  # imagefolder test folder
+    download: bool = True
+    # features
+    device: str = "auto"
+    precision: str = "fp32"  # fp32 | bf16 | auto
+    batch_size: int = 128
+    num_workers: int | None = None
+    cache_dir: str | None = None
+    use_model_head: bool | None = None  # None = when the model's classes match the dataset's
+    # heads
+    heads: list[str] = dataclasses.field(default_factory=lambda: ["knn", "linear", "model"])
+    k: int = 20
+    temperature: float = 0.07
+    knn_weights: str = "exp"  # exp | uniform
+    linear_c: float = 1.0
+    folds: int = 5
+    issue_head: str = "linear"  # head whose out-of-sample probabilities feed label_issue
+    seed: int = 0
+    # output
+    out: str = "runs/latest"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_type(name: str, value) -> None:
+    hint = typing.get_type_hints(RunConfig)[name]
+    origin = typing.get_origin(hint)
+    allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
+    for t in allowed:
+        if t is type(None) and value is None:
+            return
+        base = typing.get_origin(t) or t
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if base is int and isinstance(value, bool):
+            continue
+        if isinstance(value, base):
+            return
+    raise ConfigError(f"config key {name!r} must be {hint}, got {value!r} ({type(value).__name__})")
+
+
+def build_config(file: str | None = None, **overrides) -> RunConfig:
+    """Defaults <- YAML file <- overrides (CLI flags that were given; None means 'not given')."""
+    known = {f.name for f in fields(RunConfig)}
+    values: dict = {}
+    if file is not None:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {file} not found")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a mapping of keys to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Known keys: "
+                          f"{', '.join(sorted(known))}")
+    for name, value in values.items():
+        _check_type(name, value)
+    cfg = RunConfig(**values)
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg: RunConfig) -> None:
+    if cfg.weights and cfg.random_init:
+        raise ConfigError("weights and random_init contradict each other; pass one of them")
+    if cfg.data == "imagefolder" and not cfg.train:
+        raise ConfigError("data: imagefolder needs train: DIR (and usually test: DIR)")
+    if cfg.data not in ("cifar10", "imagefolder"):
+        raise ConfigError(f"data must be cifar10 or imagefolder, not {cfg.data!r}")
+    bad_heads = sorted(set(cfg.heads) - {"knn", "linear", "model"})
+    if bad_heads:
+        raise ConfigError(f"unknown head(s) {bad_heads}; choose from knn, linear, model")
+    if cfg.knn_weights not in ("exp", "uniform"):
+        raise ConfigError(f"knn_weights must be exp or uniform, not {cfg.knn_weights!r}")
+    for name in ("k", "batch_size", "folds"):
+        if getattr(cfg, name) < 1 or (name == "folds" and cfg.folds < 2):
+            raise ConfigError(f"{name} must be a positive integer (folds >= 2)")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    from .cache import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    return build_config(str(path))

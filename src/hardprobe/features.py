@@ -1,0 +1,153 @@
+"""Batched feature extraction with a resumable on-disk cache.
+
+extract_split(backbone, split, ...) -> {"embedding": (N, D) float32, "logits": (N, C) float32?}
+in the split's row order. Work is cut into shards of `shard_size` examples; each finished
+shard is written atomically, so a rerun after an interruption starts at the first missing
+shard, and a rerun with the same inputs reads the finished arrays without touching the model.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones import Backbone
+from .cache import CacheEntry, atomic_write_text, default_cache_dir
+from .data import Split, SplitDataset
+
+# Bump when a change to this module changes what it writes for the same inputs.
+FEATURES_VERSION = 1
+
+
+class NonFiniteFeaturesError(ValueError):
+    pass
+
+
+def resolve_device(device: str | None = None) -> torch.device:
+    """'auto' or None -> cuda, else mps, else cpu; anything else is passed to torch.device."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} asked for, but torch sees no CUDA device; "
+                           "use --device cpu or auto")
+    return dev
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'fp32' | 'bf16' | 'auto' -> 'fp32' or 'bf16'. auto = bf16 on a GPU that supports it."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"--precision must be fp32, bf16 or auto, not {precision!r}")
+    if precision == "auto":
+        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if ok else "fp32"
+    return precision
+
+
+def default_num_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits: bool) -> dict:
+    """Everything that determines the arrays: the cache key."""
+    return {
+        "version": FEATURES_VERSION,
+        "backbone": backbone.describe(),
+        "split": split.name,
+        "n": len(split),
+        "manifest": split.manifest_digest,
+        "precision": precision,
+        "with_logits": with_logits,
+    }
+
+
+def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=None,
+                  precision: str = "fp32", with_logits: bool = True, batch_size: int = 128,
+                  num_workers: int | None = None, shard_size: int = 4096,
+                  progress: bool = True) -> tuple[dict[str, np.ndarray], CacheEntry]:
+    """Features of every example of `split`, from the cache when present.
+
+    Returns ({"embedding": (N, D) float32, "logits": (N, C) float32 if with_logits}, entry).
+    """
+    dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
+    with_logits = with_logits and backbone.num_classes is not None
+    entry = CacheEntry(cache_dir or default_cache_dir(), feature_key(
+        backbone, split, precision=precision, with_logits=with_logits))
+    with entry.lock():
+        if not entry.complete:
+            _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size,
+                         default_num_workers() if num_workers is None else num_workers,
+                         shard_size, progress)
+        arrays = entry.load()
+    check_finite(arrays, split)
+    return arrays, entry
+
+
+def _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size, num_workers,
+                 shard_size, progress) -> None:
+    n = len(split)
+    shard_size = _layout(entry, shard_size)  # a resumed entry keeps its first shard size
+    n_shards = max(1, -(-n // shard_size))
+    entry.drop_bad_shards(n_shards)
+    todo = [i for i in range(n_shards) if not entry.has_shard(i)]
+    done = n - sum(len(range(i * shard_size, min(n, (i + 1) * shard_size))) for i in todo)
+    backbone.to(dev)
+    bar = tqdm(total=n, initial=done, unit="img", disable=not progress,
+               desc=f"{backbone.name} {split.name}")
+    for i in todo:
+        idx = np.arange(i * shard_size, min(n, (i + 1) * shard_size))
+        emb, logits = _forward_indices(backbone, split, idx, dev, precision, batch_size,
+                                       num_workers, bar)
+        arrays = {"embedding": emb, "index": idx}
+        if with_logits:
+            arrays["logits"] = logits
+        entry.write_shard(i, **arrays)
+    bar.close()
+    entry.finalize(n_shards, meta={"n": n, "shard_size": shard_size})
+
+
+def _layout(entry: CacheEntry, shard_size: int) -> int:
+    path = entry.dir / "layout.json"
+    if path.exists():
+        return int(json.loads(path.read_text())["shard_size"])
+    atomic_write_text(path, json.dumps({"shard_size": shard_size}))
+    return shard_size
+
+
+def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_workers, bar):
+    ds = SplitDataset(split, backbone.preprocess, idx)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=dev.type == "cuda")
+    embs, logits = [], []
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
+                else contextlib.nullcontext())
+    with torch.inference_mode(), autocast:
+        for x, _ in loader:  # x: (B, 3, H, W) float32
+            e, lg = backbone(x.to(dev, non_blocking=True))
+            embs.append(e.float().cpu().numpy())  # (B, D)
+            if lg is not None:
+                logits.append(lg.float().cpu().numpy())  # (B, C)
+            bar.update(len(x))
+    return np.concatenate(embs), (np.concatenate(logits) if logits else None)
+
+
+def check_finite(arrays: dict[str, np.ndarray], split: Split) -> None:
+    for name in ("embedding", "logits"):
+        if name not in arrays:
+            continue
+        bad = np.flatnonzero(~np.isfinite(arrays[name]).all(axis=1))
+        if len(bad):
+            ids = split.examples["id"].iloc[bad[:5]].tolist()
+            raise NonFiniteFeaturesError(
+                f"{len(bad)} example(s) of split {split.name!r} have NaN/Inf in their {name} "
+                f"(first: {ids}). Check those images and the weights; with --precision bf16 "
+                f"try fp32.")

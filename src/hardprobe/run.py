@@ -1,0 +1,134 @@
+"""The run directory: the contract between stages.
+
+    RUN_DIR/
+      config.yaml              resolved configuration
+      provenance.json          versions, backbone and dataset fingerprints, cache entries
+      examples.parquet (.csv)  one row per example of every split (see README for columns)
+      metrics.json             accuracy per head and split, confusion matrices, confused pairs
+      features/<split>.embedding.npy, <split>.logits.npy   in the row order of the table
+
+Each stage reads what earlier stages wrote and adds its part; `load_run` opens it from a
+notebook.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .cache import atomic_save_npy, atomic_write, atomic_write_text
+
+
+class RunDirError(FileNotFoundError):
+    pass
+
+
+class Run:
+    """Read access to a run directory. `examples` and `metrics` are read on first use."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not (self.path / "examples.parquet").exists():
+            raise RunDirError(f"{self.path} is not a hardprobe run directory (no examples.parquet); "
+                              "create one with `hardprobe run` or `hardprobe extract`")
+        self._examples = None
+        self._metrics = None
+
+    @property
+    def examples(self) -> pd.DataFrame:
+        if self._examples is None:
+            self._examples = pd.read_parquet(self.path / "examples.parquet")
+        return self._examples
+
+    @property
+    def metrics(self) -> dict:
+        if self._metrics is None:
+            p = self.path / "metrics.json"
+            self._metrics = json.loads(p.read_text()) if p.exists() else {}
+        return self._metrics
+
+    @property
+    def provenance(self) -> dict:
+        return read_json(self.path / "provenance.json")
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.provenance["dataset"]["class_names"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(self.examples["split"]))
+
+    def features(self, split: str, *, mmap: bool = False) -> np.ndarray:
+        """(N_split, D) float32 embeddings in the row order of `examples[split == split]`."""
+        return self._array(split, "embedding", mmap)
+
+    def logits(self, split: str) -> np.ndarray | None:
+        """(N_split, C) logits of the model's own classifier, or None when it has none."""
+        p = feature_path(self.path, split, "logits")
+        return np.load(p) if p.exists() else None
+
+    def split_examples(self, split: str) -> pd.DataFrame:
+        return self.examples[self.examples["split"] == split].reset_index(drop=True)
+
+    def _array(self, split: str, name: str, mmap: bool) -> np.ndarray:
+        p = feature_path(self.path, split, name)
+        if not p.exists():
+            raise RunDirError(f"{p} is missing; rerun `hardprobe extract` for this run")
+        return np.load(p, mmap_mode="r" if mmap else None)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+
+def load_run(path: str | os.PathLike) -> Run:
+    """Open a run directory written by `hardprobe run` (or `extract` + `classify`)."""
+    return Run(path)
+
+
+# ------------------------------------------------------------------ writers
+def feature_path(run_dir: Path, split: str, name: str) -> Path:
+    return Path(run_dir) / "features" / f"{split}.{name}.npy"
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a cached array into the run (no second copy on disk), else copy it."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def write_examples(run_dir: Path, df: pd.DataFrame) -> None:
+    atomic_write(Path(run_dir) / "examples.parquet", lambda f: df.to_parquet(f, index=False))
+    atomic_write_text(Path(run_dir) / "examples.csv", df.to_csv(index=False))
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def save_array(run_dir: Path, split: str, name: str, arr: np.ndarray) -> None:
+    atomic_save_npy(feature_path(run_dir, split, name), arr)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
