@@ -1,0 +1,176 @@
+"""Thin command line over the pipeline: parse flags / --config YAML, call a stage, print.
+
+Flags mirror RunConfig's fields one to one (`--batch-size` sets `batch_size`), so a YAML
+config and the command line say the same things.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from .config import ConfigError, RunConfig, build_config
+
+HELP = {
+    "model": "backbone name (see `hardprobe models`), e.g. cifar_resnet56, resnet50, timm:<name>",
+    "weights": "weights file to load (offline use); default: the published weights",
+    "weights_tag": "named published weights, e.g. IMAGENET1K_V1 for resnet50",
+    "random_init": "random weights, for tests and speed runs only (never a silent fallback)",
+    "trust_weights": "allow unpickling a weights file that is not a plain state_dict; "
+                     "only for files you trust",
+    "image_size": "override the network input size of the weights' preprocessing",
+    "data": "cifar10 (torchvision format under --data-root) or imagefolder (--train/--test)",
+    "data_root": "folder holding cifar-10-batches-py (cifar10)",
+    "train": "train folder of <class>/<image> files (imagefolder)",
+    "test": "test folder of <class>/<image> files (imagefolder)",
+    "download": "download CIFAR-10 when missing",
+    "device": "auto (cuda, mps, cpu), or a torch device such as cuda:1",
+    "precision": "fp32, bf16, or auto (bf16 where the device supports it)",
+    "batch_size": "images per forward pass",
+    "num_workers": "DataLoader workers (default: cores - 1, at most 8)",
+    "cache_dir": "feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)",
+    "use_model_head": "use the model's own classifier as a head (default: when its classes "
+                      "are the dataset's)",
+    "heads": "heads to fit: knn linear model",
+    "k": "neighbours of the kNN head",
+    "temperature": "temperature T of the kNN votes exp(sim / T)",
+    "knn_weights": "kNN votes: exp (DINO) or uniform",
+    "linear_c": "inverse L2 strength of the linear probe (scikit-learn's C)",
+    "folds": "folds of the out-of-fold linear-probe probabilities on train",
+    "issue_head": "head whose out-of-sample probabilities find label issues",
+    "seed": "random seed",
+    "out": "run directory to write",
+}
+HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head",
+               "seed", "device")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    hints = typing.get_type_hints(RunConfig)
+    for f in dataclasses.fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        base = next((a for a in args if a is not type(None)), hint) if args else hint
+        kw = {"default": None, "help": HELP.get(f.name)}
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif typing.get_origin(hint) is list:
+            p.add_argument(flag, nargs="+", **kw)
+        else:
+            p.add_argument(flag, type=base if base in (int, float) else str, **kw)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hardprobe", description="Probe pretrained vision models "
+                                "with hard examples.")
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "all stages: extract features, fit heads, score every example"),
+                       ("extract", "extract (cached) features of every split into --out")):
+        s = sub.add_parser(name, help=text, description=text)
+        s.add_argument("--config", help="YAML file of config keys; flags override it")
+        _add_config_flags(s)
+        s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    s = sub.add_parser("classify", help="fit the heads on a run's features and score examples")
+    s.add_argument("run_dir")
+    _add_config_flags(s, HEAD_FIELDS)
+    s = sub.add_parser("rank", help="print the hardest examples of a run")
+    s.add_argument("run_dir")
+    s.add_argument("--top", type=int, default=20)
+    s.add_argument("--split", default="test", help="split to rank, or 'all'")
+    s.add_argument("--by", default="hardness", help="column to sort by, highest first")
+    sub.add_parser("models", help="list the registered backbones")
+    s = sub.add_parser("layers", help="list a model's layers (candidates for --cam-layer)")
+    s.add_argument("model")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return f"hardprobe {__version__}"
+
+
+def _config_from(ns: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
+    if base is not None:
+        return build_config(**{**base.to_dict(), **given})
+    return build_config(getattr(ns, "config", None), **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = _parser().parse_args(argv)
+    try:
+        return _dispatch(ns)
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+        print(f"hardprobe {ns.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(ns: argparse.Namespace) -> int:
+    from . import pipeline
+
+    if ns.command in ("run", "extract"):
+        cfg = _config_from(ns)
+        stage = pipeline.run if ns.command == "run" else pipeline.extract
+        out = stage(cfg, progress=not ns.no_progress)
+        print(f"wrote {out}")
+        if ns.command == "run":
+            _print_summary(out)
+    elif ns.command == "classify":
+        from .config import load_config
+        from .run import load_run
+        run = load_run(ns.run_dir)
+        cfg = _config_from(ns, load_config(run.path / "config.yaml"))
+        pipeline.classify(run.path, cfg)
+        _print_summary(run.path)
+    elif ns.command == "rank":
+        df = pipeline.rank(ns.run_dir, top=ns.top, split=None if ns.split == "all" else ns.split,
+                           by=ns.by)
+        from .run import load_run
+        _print_rank(df, load_run(ns.run_dir).class_names)
+    elif ns.command == "models":
+        from .backbones import list_backbones
+        for m in list_backbones():
+            print(f"{m['name']:<22} {m['summary']}")
+    elif ns.command == "layers":
+        from .backbones import create_backbone
+        from .backbones.registry import list_layers
+        bb = create_backbone(ns.model, random_init=True)
+        print(f"# {ns.model}: Grad-CAM layer by default: {bb.cam_layer}")
+        for name in list_layers(bb):
+            print(name)
+    return 0
+
+
+def _print_summary(run_dir) -> None:
+    from .run import load_run
+    m = load_run(run_dir).metrics
+    for head, per_split in m.get("heads", {}).items():
+        accs = ", ".join(f"{s} {v['accuracy']:.2%}" for s, v in per_split.items())
+        print(f"  {head:<7} accuracy: {accs}")
+
+
+def _print_rank(df, class_names: list[str]) -> None:
+    import pandas as pd
+    cols = [c for c in ("id", "label_name", "hardness", "label_issue", "knn_disagreement")
+            if c in df.columns]
+    cols += [c for c in df.columns if c.startswith(("pred_", "prob_true_"))]
+    df = df[cols].copy()
+    for c in cols:  # predicted class indices -> names, as a person reads them
+        if c.startswith("pred_"):
+            df[c] = [class_names[i] for i in df[c]]
+    with pd.option_context("display.max_columns", None, "display.width", 200):
+        print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,240 @@
+"""The probe pipeline: data -> backbone -> features (cached) -> heads -> scores, into a run dir.
+
+Stages are separate functions over the run directory so each can rerun alone:
+`extract(cfg)` writes features and the examples skeleton, `classify(run_dir)` fits the heads
+and writes the per-example scores and metrics, `run(cfg)` does both.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import __version__, scores
+from .backbones import Backbone, create_backbone
+from .config import RunConfig, build_config, load_config, save_config
+from .data import EXAMPLE_COLUMNS, ImageSet, load_dataset
+from .features import extract_split, resolve_device
+from .heads import KNNClassifier, LinearProbe, cross_val_predict_proba
+from .run import Run, link_or_copy, feature_path, load_run, write_examples, write_json
+
+FIT_SPLIT = "train"
+
+
+# ------------------------------------------------------------------ extract
+def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """Features and logits of every split, cached, linked into cfg.out."""
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    # The model first: an unknown name or missing weights fail before a long folder scan.
+    backbone = create_backbone(cfg.model, weights=cfg.weights, weights_tag=cfg.weights_tag,
+                               random_init=cfg.random_init, image_size=cfg.image_size,
+                               trust_weights=cfg.trust_weights)
+    dataset = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train, test=cfg.test,
+                           download=cfg.download)
+    use_head = model_head_applies(backbone, dataset.class_names, cfg.use_model_head)
+    entries = {}
+    for name, split in dataset.splits.items():
+        _, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
+                                 precision=cfg.precision, with_logits=use_head,
+                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                 progress=progress)
+        for arr in ("embedding", "logits"):
+            src = entry.dir / f"{arr}.npy"
+            if src.exists():
+                link_or_copy(src, feature_path(out, name, arr))
+            else:
+                feature_path(out, name, arr).unlink(missing_ok=True)
+        entries[name] = {"cache_entry": str(entry.dir), "key": entry.key}
+    examples = pd.concat([s.examples for s in dataset.splits.values()], ignore_index=True)
+    write_examples(out, examples[EXAMPLE_COLUMNS])
+    write_json(out / "provenance.json", _provenance(cfg, backbone, dataset, entries, use_head,
+                                                    time.perf_counter() - t0))
+    return out
+
+
+def model_head_applies(backbone: Backbone, class_names: list[str], force: bool | None) -> bool:
+    """Use the model's own classifier only when its label space is the dataset's, in order."""
+    if force is False or backbone.class_names is None:
+        return False
+    same = [_norm(c) for c in backbone.class_names] == [_norm(c) for c in class_names]
+    if force and not same:
+        if backbone.num_classes != len(class_names):
+            raise ValueError(f"use_model_head: the model has {backbone.num_classes} classes, the "
+                             f"dataset {len(class_names)}; its classifier cannot label this data")
+        return True
+    return same
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("_", " ").strip()
+
+
+def _provenance(cfg, backbone: Backbone, dataset: ImageSet, entries, use_head, seconds) -> dict:
+    import torch
+    return {
+        "hardprobe": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+        "platform": platform.platform(), "device": str(resolve_device(cfg.device)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 2),
+        "backbone": backbone.describe(), "cam_layer": backbone.cam_layer,
+        "dataset": dataset.describe(), "model_head": use_head, "features": entries,
+    }
+
+
+# ------------------------------------------------------------------ classify
+def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
+    """Fit the heads on the train split and score every example; updates the run dir."""
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    cfg = cfg or load_config(run.path / "config.yaml")
+    save_config(cfg, run.path / "config.yaml")
+    n_classes = len(run.class_names)
+    if FIT_SPLIT not in run.splits:
+        raise ValueError(f"{run.path} has no {FIT_SPLIT!r} split to fit the heads on")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples, metrics = _classify(run, cfg, n_classes)
+    for w in caught:  # shown to the user and kept in the run, not lost in a log
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    metrics["warnings"] = sorted({str(w.message) for w in caught})
+    metrics["classify_seconds"] = round(time.perf_counter() - t0, 2)
+    write_examples(run.path, examples)
+    write_json(run.path / "metrics.json", metrics)
+    return metrics
+
+
+def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict]:
+    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes)
+    frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
+                           "class_names": run.class_names}
+    for split in run.splits:
+        df = run.split_examples(split)[EXAMPLE_COLUMNS].copy()
+        labels = df["label"].to_numpy()
+        split_probs = {h: p[split] for h, p in probs.items()}
+        _score_columns(df, split_probs, labels, neighbor_labels.get(split))
+        issue_probs = split_probs[_issue_head(cfg, probs)]
+        df["label_quality"] = scores.label_quality(issue_probs, labels)
+        df["label_issue"] = scores.label_issues(issue_probs, labels)
+        frames.append(df)
+        for head, p in split_probs.items():
+            metrics["heads"].setdefault(head, {})[split] = _head_metrics(
+                p, labels, run.class_names)
+    metrics["label_issue_head"] = _issue_head(cfg, probs)
+    metrics["notes"] = _notes(probs)
+    return pd.concat(frames, ignore_index=True), metrics
+
+
+def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
+    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels})."""
+    fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
+    others = [s for s in run.splits if s != FIT_SPLIT]
+    probs, neighbor_labels = {}, {}
+    if "knn" in cfg.heads:
+        knn = KNNClassifier(k=min(cfg.k, len(fit_x) - 1), temperature=cfg.temperature,
+                            weights=cfg.knn_weights, device=_head_device(cfg))
+        knn.fit(fit_x, fit_y, n_classes=n_classes)
+        probs["knn"] = {}
+        for s in run.splits:  # train: leave-one-out; other splits: against all of train
+            x = None if s == FIT_SPLIT else run.features(s)
+            p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
+            probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
+    if "linear" in cfg.heads:
+        probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
+        probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(
+            probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes)}
+        probe.fit(fit_x, fit_y, n_classes=n_classes)
+        for s in others:
+            probs["linear"][s] = probe.predict_proba(run.features(s))
+    if "model" in cfg.heads and run.logits(FIT_SPLIT) is not None:
+        probs["model"] = {s: _softmax(run.logits(s)) for s in run.splits}
+    if not probs:
+        raise ValueError(f"no head could run: heads={cfg.heads} and the model's own classifier "
+                         "does not apply to this dataset; add knn or linear")
+    return probs, neighbor_labels
+
+
+def _issue_head(cfg: RunConfig, probs: dict) -> str:
+    """The head whose out-of-sample probabilities feed label_issue (linear, else knn, else any)."""
+    for head in (cfg.issue_head, "linear", "knn"):
+        if head in probs:
+            return head
+    return next(iter(probs))
+
+
+def _head_device(cfg: RunConfig) -> str:
+    return str(resolve_device(cfg.device))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _score_columns(df: pd.DataFrame, probs: dict[str, np.ndarray], labels: np.ndarray,
+                   neighbor_labels: np.ndarray | None) -> None:
+    for head, p in probs.items():
+        df[f"pred_{head}"] = scores.predicted(p)
+        df[f"prob_true_{head}"] = scores.prob_true(p, labels)
+        df[f"margin_{head}"] = scores.margin(p, labels)
+        df[f"entropy_{head}"] = scores.entropy(p)
+        df[f"correct_{head}"] = df[f"pred_{head}"].to_numpy() == labels
+    knn_dis = None
+    if neighbor_labels is not None:
+        knn_dis = scores.knn_disagreement(neighbor_labels, labels)
+        df["knn_disagreement"] = knn_dis
+    df["hardness"] = scores.hardness({h: df[f"prob_true_{h}"].to_numpy() for h in probs}, knn_dis)
+    if len(probs) > 1:  # heads that disagree on the prediction mark an ambiguous example
+        preds = np.stack([df[f"pred_{h}"].to_numpy() for h in probs], axis=1)
+        df["heads_disagree"] = (preds != preds[:, :1]).any(axis=1)
+
+
+def _head_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    preds = scores.predicted(probs)
+    cm = scores.confusion_matrix(labels, preds, len(class_names))
+    return {
+        "accuracy": float(scores.accuracy(labels, preds)),
+        "ece": float(scores.expected_calibration_error(probs, labels)),
+        "confusion_matrix": cm.tolist(),
+        "confused_pairs": scores.confused_pairs(cm, class_names, top=10).to_dict("records"),
+    }
+
+
+def _notes(probs: dict) -> list[str]:
+    notes = ["knn (train): leave-one-out; linear (train): out-of-fold"]
+    if "model" in probs:
+        notes.append("model (train): the backbone's own classifier saw these images in training "
+                     "if it was trained on them: train probabilities are in-sample")
+    return notes
+
+
+# ------------------------------------------------------------------ run
+def run(cfg: RunConfig, *, progress: bool = True) -> Path:
+    """All stages of the probe pipeline into cfg.out."""
+    out = extract(cfg, progress=progress)
+    classify(out, cfg)
+    return out
+
+
+def rank(run_dir: str | Path, *, top: int = 20, split: str | None = "test",
+         by: str = "hardness") -> pd.DataFrame:
+    """The `top` hardest examples (highest `by` first)."""
+    df = load_run(run_dir).examples
+    if by not in df.columns:
+        raise ValueError(f"no column {by!r} in the run; run `hardprobe classify` first "
+                         f"(columns: {', '.join(df.columns)})")
+    if split is not None:
+        if split not in set(df["split"]):
+            raise ValueError(f"no split {split!r} in the run; splits: {sorted(set(df['split']))}")
+        df = df[df["split"] == split]
+    return df.sort_values(by, ascending=False, kind="stable").head(top)
+
+
+__all__ = ["build_config", "classify", "extract", "rank", "run"]

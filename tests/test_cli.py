@@ -1,0 +1,95 @@
+"""The command line, end to end, as a user types it."""
+import subprocess
+import sys
+
+import pytest
+
+from hardprobe.cli import main
+
+
+def test_run_then_rank(tiny_folder, tmp_path, capsys):
+    train, test = tiny_folder
+    out = tmp_path / "run"
+    rc = main(["run", "--model", "cifar_resnet20", "--random-init", "--data", "imagefolder",
+               "--train", str(train), "--test", str(test), "--out", str(out), "--cache-dir",
+               str(tmp_path / "c"), "--k", "5", "--num-workers", "0", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "knn" in printed and "accuracy" in printed
+    assert main(["rank", str(out), "--top", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].split()[0] == "id" and len(lines) == 4
+    assert main(["classify", str(out), "--heads", "knn", "--k", "3"]) == 0
+
+
+def test_config_file_and_flag_override(tiny_folder, tmp_path):
+    train, test = tiny_folder
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model: cifar_resnet20\nrandom_init: true\ndata: imagefolder\ntrain: {train}\n"
+                   f"test: {test}\nk: 50\nnum_workers: 0\ncache_dir: {tmp_path / 'c'}\n")
+    out = tmp_path / "r"
+    assert main(["extract", "--config", str(cfg), "--k", "4", "--out", str(out), "--no-progress"]) == 0
+    assert "k: 4" in (out / "config.yaml").read_text()
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["run", "--model", "resnet5", "--random-init", "--data", "imagefolder",
+                 "--train", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet5'" in err and "resnet50" in err and "Traceback" not in err
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("modle: x\n")
+    assert main(["run", "--config", str(cfg)]) == 2
+    assert "modle" in capsys.readouterr().err
+
+
+def test_no_weights_offline_is_a_clear_error(tmp_path, tiny_folder, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    train, test = tiny_folder
+    assert main(["run", "--model", "cifar_resnet20", "--data", "imagefolder", "--train", str(train),
+                 "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and "Traceback" not in err
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert {"resnet50", "vit_b_16", "cifar_resnet56", "timm:<name>"} <= set(names)
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "hardprobe", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "run" in r.stdout and "rank" in r.stdout
+
+
+@pytest.mark.parametrize("model,size", [("resnet50", "64"), ("vit_b_16", "32")])
+def test_imagenet_backbones_end_to_end(model, size, tiny_folder, tmp_path, monkeypatch, capsys):
+    """--random-init, then a --weights file saved from that model: same features; no weights
+    offline: the clear message."""
+    import numpy as np
+    import torch
+
+    import hardprobe
+    from hardprobe.backbones import create_backbone
+    train, test = tiny_folder
+    common = ["--model", model, "--image-size", size, "--data", "imagefolder", "--train",
+              str(train), "--test", str(test), "--cache-dir", str(tmp_path / "c"), "--k", "5",
+              "--num-workers", "0", "--no-progress", "--batch-size", "16"]
+    assert main(["run", "--random-init", "--out", str(tmp_path / "a")] + common) == 0
+    torch.save(create_backbone(model, random_init=True, image_size=int(size)).model.state_dict(),
+               tmp_path / "w.pth")
+    assert main(["run", "--weights", str(tmp_path / "w.pth"), "--out", str(tmp_path / "b")] + common) == 0
+    a, b = hardprobe.load_run(tmp_path / "a"), hardprobe.load_run(tmp_path / "b")
+    np.testing.assert_allclose(a.features("test"), b.features("test"), rtol=1e-4, atol=1e-5)
+    assert b.provenance["backbone"]["weights"].startswith("sha256:")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    capsys.readouterr()
+    assert main(["run", "--out", str(tmp_path / "c")] + common) == 2
+    err = capsys.readouterr().err
+    assert "--weights" in err and "empty_torch_home" in err and "Traceback" not in err
+
+
+def _no_network(*a, **k):
+    raise OSError("network is unreachable (test)")

@@ -1,0 +1,110 @@
+"""End to end: images -> features -> heads -> scores in a run directory."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import hardprobe
+from hardprobe import pipeline
+from hardprobe.config import build_config
+
+
+@pytest.fixture
+def cfg(tiny_folder, tmp_path):
+    train, test = tiny_folder
+    return build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                        train=str(train), test=str(test), out=str(tmp_path / "run"),
+                        cache_dir=str(tmp_path / "cache"), k=5, num_workers=0, batch_size=16)
+
+
+def test_run_writes_the_contract(cfg):
+    out = pipeline.run(cfg, progress=False)
+    run = hardprobe.load_run(out)
+    ex = run.examples
+    assert len(ex) == 48 and set(ex["split"]) == {"train", "test"}
+    for col in ["id", "split", "path", "label", "label_name", "pred_knn", "prob_true_knn",
+                "margin_knn", "entropy_knn", "pred_linear", "prob_true_linear",
+                "knn_disagreement", "hardness", "label_issue", "label_quality"]:
+        assert col in ex.columns, col
+    assert ex["hardness"].between(0, 1).all() and ex["id"].is_unique
+    assert "pred_model" not in ex.columns  # CIFAR-10 classifier vs a 3-class folder: no model head
+    # features come back in the table's row order
+    test_rows = run.split_examples("test")
+    assert run.features("test").shape == (len(test_rows), 64)
+    assert run.logits("test") is None
+    m = run.metrics
+    assert set(m["heads"]) == {"knn", "linear"} and 0 <= m["heads"]["knn"]["test"]["accuracy"] <= 1
+    cm = np.array(m["heads"]["linear"]["test"]["confusion_matrix"])
+    assert cm.sum() == len(test_rows)
+    prov = run.provenance
+    assert prov["backbone"]["weights"].startswith("random-init")
+    assert prov["dataset"]["class_names"] == ["cat", "dog", "frog"]
+    assert pd.read_csv(out / "examples.csv").shape[0] == 48
+
+
+def test_scores_are_consistent_with_the_heads(cfg):
+    run = hardprobe.load_run(pipeline.run(cfg, progress=False))
+    ex = run.examples
+    # hardness follows its documented formula from the stored columns
+    head_term = 1 - ex[["prob_true_knn", "prob_true_linear"]].mean(axis=1)
+    np.testing.assert_allclose(ex["hardness"], (head_term + ex["knn_disagreement"]) / 2, atol=1e-6)
+    assert (ex["correct_knn"] == (ex["pred_knn"] == ex["label"])).all()
+    acc = (ex.query("split == 'test'")["pred_knn"] == ex.query("split == 'test'")["label"]).mean()
+    assert run.metrics["heads"]["knn"]["test"]["accuracy"] == pytest.approx(acc)
+
+
+def test_rerun_hits_the_cache(cfg, monkeypatch):
+    pipeline.run(cfg, progress=False)
+    import hardprobe.features as F
+    monkeypatch.setattr(F, "_fill_shards", lambda *a, **k: pytest.fail("recomputed features"))
+    pipeline.run(cfg, progress=False)
+
+
+def test_classify_alone_with_other_heads(cfg):
+    out = pipeline.extract(cfg, progress=False)
+    assert "hardness" not in hardprobe.load_run(out).examples.columns
+    from dataclasses import replace
+    pipeline.classify(out, replace(cfg, heads=["knn"], knn_weights="uniform", k=3))
+    ex = hardprobe.load_run(out).examples
+    assert "pred_knn" in ex.columns and "pred_linear" not in ex.columns
+    assert "heads_disagree" not in ex.columns
+
+
+def test_model_head_when_label_space_matches(fake_cifar, tmp_path):
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="cifar10",
+                       data_root=str(fake_cifar), download=False, out=str(tmp_path / "r"),
+                       cache_dir=str(tmp_path / "c"), k=3, num_workers=0, folds=2)
+    run = hardprobe.load_run(pipeline.run(cfg, progress=False))
+    assert "pred_model" in run.examples.columns and run.logits("test").shape == (4, 10)
+    assert any("in-sample" in n for n in run.metrics["notes"])
+
+
+def test_rank_orders_by_hardness(cfg):
+    out = pipeline.run(cfg, progress=False)
+    top = pipeline.rank(out, top=5)
+    assert len(top) == 5 and (top["split"] == "test").all()
+    assert top["hardness"].is_monotonic_decreasing
+    with pytest.raises(ValueError, match="no column"):
+        pipeline.rank(out, by="nope")
+
+
+@pytest.mark.shared
+def test_resnet56_reproduces_published_accuracy_on_shared_test(shared_dir, cifar_jpeg_test, tmp_path):
+    """The model head of cifar_resnet56 on the JPEG CIFAR-10 test set: 83.20% (shared README)."""
+    from hardprobe.backbones import create_backbone
+    from hardprobe.data import load_imagefolder
+    from hardprobe.features import extract_split
+    bb = create_backbone("cifar_resnet56",
+                         weights=str(shared_dir / "models/cifar-resnet/resnet56-4bfd9763.th"))
+    split = load_imagefolder(cifar_jpeg_test, cifar_jpeg_test).splits["test"]
+    arrays, _ = extract_split(bb, split, cache_dir=tmp_path, device="cpu", batch_size=250,
+                              progress=False)
+    acc = float((arrays["logits"].argmax(1) == split.examples["label"].to_numpy()).mean())
+    assert abs(acc * 100 - 83.20) <= 0.1, acc
+
+
+def test_warnings_are_kept_in_the_run(cfg):
+    with pytest.warns(UserWarning, match="too few examples"):
+        out = pipeline.run(cfg, progress=False)
+    assert any("too few examples" in w for w in hardprobe.load_run(out).metrics["warnings"])
