@@ -108,3 +108,18 @@ def test_warnings_are_kept_in_the_run(cfg):
     with pytest.warns(UserWarning, match="too few examples"):
         out = pipeline.run(cfg, progress=False)
     assert any("too few examples" in w for w in hardprobe.load_run(out).metrics["warnings"])
+
+
+def test_run_reopens_its_images_and_backbone(cfg):
+    run = hardprobe.load_run(pipeline.run(cfg, progress=False))
+    ex = run.split_examples("test")
+    img = run.images([ex["id"].iloc[5]])[0]
+    from hardprobe.data import read_image
+    assert (img == read_image(run.dataset().splits["test"].root + "/" + ex["path"].iloc[5])).all()
+    bb = run.backbone()
+    import torch
+    with torch.no_grad():
+        emb, _ = bb(bb.preprocess(img)[None])
+    np.testing.assert_allclose(emb[0].numpy(), run.features("test")[5], rtol=1e-4, atol=1e-5)
+    m = run.metrics["heads"]["knn"]["test"]
+    assert set(m["per_class_accuracy"]) == {"cat", "dog", "frog"} and len(m["reliability"]) == 15

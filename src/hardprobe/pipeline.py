@@ -199,11 +199,17 @@ def _score_columns(df: pd.DataFrame, probs: dict[str, np.ndarray], labels: np.nd
 def _head_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
     preds = scores.predicted(probs)
     cm = scores.confusion_matrix(labels, preds, len(class_names))
+    support = cm.sum(axis=1)
+    per_class = np.divide(np.diag(cm), support, out=np.full(len(support), np.nan),
+                          where=support > 0)
     return {
         "accuracy": float(scores.accuracy(labels, preds)),
         "ece": float(scores.expected_calibration_error(probs, labels)),
         "confusion_matrix": cm.tolist(),
         "confused_pairs": scores.confused_pairs(cm, class_names, top=10).to_dict("records"),
+        "per_class_accuracy": {c: (None if np.isnan(a) else float(a))
+                               for c, a in zip(class_names, per_class)},
+        "reliability": scores.reliability_table(probs, labels).to_dict("records"),
     }
 
 

@@ -37,6 +37,8 @@ class Run:
                               "create one with `hardprobe run` or `hardprobe extract`")
         self._examples = None
         self._metrics = None
+        self._dataset = None
+        self._rows = None
 
     @property
     def examples(self) -> pd.DataFrame:
@@ -74,6 +76,56 @@ class Run:
 
     def split_examples(self, split: str) -> pd.DataFrame:
         return self.examples[self.examples["split"] == split].reset_index(drop=True)
+
+    @property
+    def config(self):
+        """The resolved RunConfig the run was made with."""
+        from .config import load_config
+        return load_config(self.path / "config.yaml")
+
+    def dataset(self):
+        """The run's ImageSet, reopened from its config; refuses images changed since the run."""
+        if self._dataset is None:
+            from .data import load_dataset
+            cfg = self.config
+            ds = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train, test=cfg.test,
+                              download=False)
+            recorded = self.provenance["dataset"]["splits"]
+            for name, split in ds.splits.items():
+                if name in recorded and recorded[name]["manifest"] != split.manifest_digest:
+                    raise RunDirError(f"the images of split {name!r} ({split.root}) changed since "
+                                      f"this run was made; rerun `hardprobe run`")
+            self._dataset = ds
+        return self._dataset
+
+    def backbone(self):
+        """The run's backbone, rebuilt from its config (same weights, same preprocessing)."""
+        from .backbones import create_backbone
+        cfg = self.config
+        bb = create_backbone(cfg.model, weights=cfg.weights, weights_tag=cfg.weights_tag,
+                             random_init=cfg.random_init, image_size=cfg.image_size,
+                             trust_weights=cfg.trust_weights)
+        want = self.provenance["backbone"]["weights"]
+        if bb.weights_id != want:
+            raise RunDirError(f"the weights now found ({bb.weights_id}) are not the run's ({want})")
+        return bb
+
+    def images(self, ids) -> list:
+        """uint8 (3, H, W) tensors of the examples with these ids, decoded from the dataset."""
+        ds = self.dataset()
+        rows = self._rows_by_id()
+        out = []
+        for i in ids:
+            split, row = rows[i]
+            out.append(ds.splits[split].decode(row))
+        return out
+
+    def _rows_by_id(self) -> dict:
+        if self._rows is None:
+            ex = self.examples
+            pos = ex.groupby("split", sort=False).cumcount().to_numpy()
+            self._rows = dict(zip(ex["id"], zip(ex["split"], pos.tolist())))
+        return self._rows
 
     def _array(self, split: str, name: str, mmap: bool) -> np.ndarray:
         p = feature_path(self.path, split, name)
@@ -113,7 +165,19 @@ def write_examples(run_dir: Path, df: pd.DataFrame) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default))
+    """Strict JSON (NaN and Inf become null) so that any reader, a browser too, can parse it."""
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, default=_json_default,
+                                       allow_nan=False))
+
+
+def _finite(o):
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
 
 
 def read_json(path: Path) -> dict:
