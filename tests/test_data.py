@@ -109,5 +109,27 @@ def test_cifar_offline_error_names_folder(tmp_path):
 def test_split_dataset_applies_transform(tiny_folder):
     split = load_imagefolder(*tiny_folder).splits["test"]
     ds = SplitDataset(split, lambda t: t.float() / 255, indices=np.array([3, 1]))
-    x, i = ds[0]
-    assert i == 3 and x.dtype == torch.float32 and float(x.max()) <= 1.0
+    x, i, err = ds[0]
+    assert i == 3 and err == "" and x.dtype == torch.float32 and float(x.max()) <= 1.0
+
+
+def test_undecodable_item_is_reported_not_raised(tiny_folder):
+    from hardprobe.data import collate_skipping
+    train, test = tiny_folder
+    (test / "dog" / "img_001.png").write_bytes(b"")  # zero-byte file
+    split = load_imagefolder(train, test).splits["test"]
+    ds = SplitDataset(split)
+    bad = int(np.flatnonzero(split.examples["path"] == "dog/img_001.png")[0])
+    x, i, err = ds[bad]
+    assert x is None and i == bad and "img_001.png" in err
+    xb, rows, failed = collate_skipping([ds[0], ds[bad], ds[1]])
+    assert xb.shape == (2, 3, 32, 32) and rows.tolist() == [0, 1] and failed[0][0] == bad
+
+
+def test_mixed_sizes_without_resize_is_a_clear_error(tiny_folder):
+    from hardprobe.data import collate_skipping
+    train, test = tiny_folder
+    Image.new("RGB", (40, 30)).save(test / "cat" / "img_000.png")
+    ds = SplitDataset(load_imagefolder(train, test).splits["test"])
+    with pytest.raises(DataError, match="--image-size"):
+        collate_skipping([ds[0], ds[1]])

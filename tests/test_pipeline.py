@@ -123,3 +123,26 @@ def test_run_reopens_its_images_and_backbone(cfg):
     np.testing.assert_allclose(emb[0].numpy(), run.features("test")[5], rtol=1e-4, atol=1e-5)
     m = run.metrics["heads"]["knn"]["test"]
     assert set(m["per_class_accuracy"]) == {"cat", "dog", "frog"} and len(m["reliability"]) == 15
+
+
+def test_undecodable_images_are_skipped_and_listed(cfg, tiny_folder):
+    from dataclasses import replace
+
+    from hardprobe.data import DataError
+    train, test = tiny_folder
+    (test / "dog" / "img_001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    (train / "cat" / "img_004.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="2 undecodable"):
+        out = pipeline.run(cfg, progress=False)
+    run = hardprobe.load_run(out)
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(skipped["id"]) == ["test/dog/img_001.png", "train/cat/img_004.png"]
+    assert skipped["error"].str.contains("cannot decode").all()
+    assert len(run.examples) == 46 and "test/dog/img_001.png" not in set(run.examples["id"])
+    assert run.features("test").shape[0] == 11 and np.isfinite(run.features("test")).all()
+    # images after the gap still map to their own files
+    img = run.images(["test/dog/img_002.png"])[0]
+    from hardprobe.data import read_image
+    assert (img == read_image(test / "dog" / "img_002.png")).all()
+    with pytest.raises(DataError, match="strict"):
+        pipeline.run(replace(cfg, strict=True), progress=False)

@@ -25,6 +25,7 @@ HELP = {
     "train": "train folder of <class>/<image> files (imagefolder)",
     "test": "test folder of <class>/<image> files (imagefolder)",
     "download": "download CIFAR-10 when missing",
+    "strict": "stop at an undecodable image instead of skipping it (skipped ones: skipped.csv)",
     "device": "auto (cuda, mps, cpu), or a torch device such as cuda:1",
     "precision": "fp32, bf16, or auto (bf16 where the device supports it)",
     "batch_size": "images per forward pass",

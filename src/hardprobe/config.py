@@ -33,6 +33,7 @@ class RunConfig:
     train: str | None = None  # imagefolder train folder
     test: str | None = None  # imagefolder test folder
     download: bool = True
+    strict: bool = False  # stop at an undecodable image instead of skipping it
     # features
     device: str = "auto"
     precision: str = "fp32"  # fp32 | bf16 | auto

@@ -51,7 +51,11 @@ class ImageSet:
 
 
 class SplitDataset(torch.utils.data.Dataset):
-    """Torch view of a split: item i -> (preprocessed float tensor, i)."""
+    """Torch view of a split: item j -> (preprocessed tensor or None, row i, error message).
+
+    An image that cannot be decoded gives (None, i, "why") instead of stopping the whole
+    run; `collate_skipping` batches the rest and passes the failures on to be recorded.
+    """
 
     def __init__(self, split: Split, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  indices: np.ndarray | None = None):
@@ -63,8 +67,26 @@ class SplitDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, j: int):
         i = int(self.indices[j])
-        img = self.split.decode(i)
-        return (self.transform(img) if self.transform else img), i
+        try:
+            img = self.split.decode(i)
+        except DataError as e:
+            return None, i, str(e)
+        return (self.transform(img) if self.transform else img), i, ""
+
+
+def collate_skipping(batch):
+    """-> (x (B_ok, ...) or None, rows of x (B_ok,) int64, [(row, error)] of the failed items)."""
+    ok = [(x, i) for x, i, err in batch if not err]
+    failed = [(i, err) for _, i, err in batch if err]
+    if not ok:
+        return None, torch.empty(0, dtype=torch.int64), failed
+    try:
+        x = torch.stack([x for x, _ in ok])
+    except RuntimeError as e:  # images of different sizes and no resize/crop to unify them
+        shapes = sorted({tuple(x.shape) for x, _ in ok})
+        raise DataError(f"images of different sizes {shapes[:3]} cannot be batched: this model's "
+                        f"preprocessing does not resize; pass --image-size N") from e
+    return x, torch.tensor([i for _, i in ok], dtype=torch.int64), failed
 
 
 # ---------------------------------------------------------------- decoding

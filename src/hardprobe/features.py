@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 
 from .backbones import Backbone
 from .cache import CacheEntry, atomic_write_text, default_cache_dir
-from .data import Split, SplitDataset
+from .data import Split, SplitDataset, collate_skipping
 
 # Bump when a change to this module changes what it writes for the same inputs.
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 
 
 class NonFiniteFeaturesError(ValueError):
@@ -75,7 +75,9 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
                   progress: bool = True) -> tuple[dict[str, np.ndarray], CacheEntry]:
     """Features of every example of `split`, from the cache when present.
 
-    Returns ({"embedding": (N, D) float32, "logits": (N, C) float32 if with_logits}, entry).
+    Returns ({"embedding": (N, D) float32, "logits": (N, C) float32 if with_logits,
+              "ok": (N,) bool, "error": (N,) str}, entry); rows whose image could not be
+    decoded have ok=False, NaN features and the reason in "error".
     """
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
@@ -105,12 +107,9 @@ def _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size
                desc=f"{backbone.name} {split.name}")
     for i in todo:
         idx = np.arange(i * shard_size, min(n, (i + 1) * shard_size))
-        emb, logits = _forward_indices(backbone, split, idx, dev, precision, batch_size,
-                                       num_workers, bar)
-        arrays = {"embedding": emb, "index": idx}
-        if with_logits:
-            arrays["logits"] = logits
-        entry.write_shard(i, **arrays)
+        arrays = _forward_indices(backbone, split, idx, dev, precision, batch_size,
+                                  num_workers, with_logits, bar)
+        entry.write_shard(i, index=idx, **arrays)
     bar.close()
     entry.finalize(n_shards, meta={"n": n, "shard_size": shard_size})
 
@@ -123,28 +122,42 @@ def _layout(entry: CacheEntry, shard_size: int) -> int:
     return shard_size
 
 
-def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_workers, bar):
-    ds = SplitDataset(split, backbone.preprocess, idx)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=dev.type == "cuda")
-    embs, logits = [], []
+def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_workers, with_logits,
+                     bar) -> dict[str, np.ndarray]:
+    """Features of rows idx (a contiguous range). Undecodable images get NaN rows, ok=False and
+    their error message, so one bad file never stops or loses a run."""
+    loader = torch.utils.data.DataLoader(
+        SplitDataset(split, backbone.preprocess, idx), batch_size=batch_size,
+        num_workers=num_workers, pin_memory=dev.type == "cuda", collate_fn=collate_skipping)
+    n, start = len(idx), int(idx[0])
+    out = {"embedding": np.full((n, backbone.embed_dim), np.nan, np.float32),
+           "ok": np.ones(n, bool), "error": np.full(n, "", dtype=object)}
+    if with_logits:
+        out["logits"] = np.full((n, backbone.num_classes), np.nan, np.float32)
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
-        for x, _ in loader:  # x: (B, 3, H, W) float32
-            e, lg = backbone(x.to(dev, non_blocking=True))
-            embs.append(e.float().cpu().numpy())  # (B, D)
-            if lg is not None:
-                logits.append(lg.float().cpu().numpy())  # (B, C)
-            bar.update(len(x))
-    return np.concatenate(embs), (np.concatenate(logits) if logits else None)
+        for x, rows, failed in loader:  # x: (B, 3, H, W) float32, rows: (B,) split rows
+            for i, err in failed:
+                out["ok"][i - start], out["error"][i - start] = False, err
+            if x is not None:
+                e, lg = backbone(x.to(dev, non_blocking=True))
+                pos = rows.numpy() - start
+                out["embedding"][pos] = e.float().cpu().numpy()  # (B, D)
+                if with_logits:
+                    out["logits"][pos] = lg.float().cpu().numpy()  # (B, C)
+            bar.update(len(rows) + len(failed))
+    out["error"] = out["error"].astype(str)  # fixed-width unicode: saved without pickle
+    return out
 
 
 def check_finite(arrays: dict[str, np.ndarray], split: Split) -> None:
+    """NaN/Inf features of an image that did decode mean a broken model or precision: stop."""
+    ok = arrays.get("ok", np.ones(len(split), bool))
     for name in ("embedding", "logits"):
         if name not in arrays:
             continue
-        bad = np.flatnonzero(~np.isfinite(arrays[name]).all(axis=1))
+        bad = np.flatnonzero(ok & ~np.isfinite(arrays[name]).all(axis=1))
         if len(bad):
             ids = split.examples["id"].iloc[bad[:5]].tolist()
             raise NonFiniteFeaturesError(

@@ -18,10 +18,12 @@ import pandas as pd
 from . import __version__, scores
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, build_config, load_config, save_config
-from .data import EXAMPLE_COLUMNS, ImageSet, load_dataset
+from .cache import atomic_write_text
+from .data import EXAMPLE_COLUMNS, DataError, ImageSet, load_dataset
 from .features import extract_split, resolve_device
 from .heads import KNNClassifier, LinearProbe, cross_val_predict_proba
-from .run import Run, link_or_copy, feature_path, load_run, write_examples, write_json
+from .run import (Run, feature_path, link_or_copy, load_run, save_array, write_examples,
+                  write_json)
 
 FIT_SPLIT = "train"
 
@@ -40,24 +42,43 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
     dataset = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train, test=cfg.test,
                            download=cfg.download)
     use_head = model_head_applies(backbone, dataset.class_names, cfg.use_model_head)
-    entries = {}
+    entries, frames, skipped = {}, [], []
     for name, split in dataset.splits.items():
-        _, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
-                                 precision=cfg.precision, with_logits=use_head,
-                                 batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                 progress=progress)
-        for arr in ("embedding", "logits"):
-            src = entry.dir / f"{arr}.npy"
-            if src.exists():
-                link_or_copy(src, feature_path(out, name, arr))
-            else:
-                feature_path(out, name, arr).unlink(missing_ok=True)
-        entries[name] = {"cache_entry": str(entry.dir), "key": entry.key}
-    examples = pd.concat([s.examples for s in dataset.splits.values()], ignore_index=True)
+        arrays, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
+                                      precision=cfg.precision, with_logits=use_head,
+                                      batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      progress=progress)
+        ok = arrays["ok"]
+        bad = split.examples[~ok].assign(error=arrays["error"][~ok])
+        if len(bad) and cfg.strict:
+            raise DataError(f"{len(bad)} image(s) of split {name!r} could not be decoded, e.g. "
+                            f"{bad['error'].iloc[0]}. Fix or remove them, or drop --strict to "
+                            f"skip them (they are listed in skipped.csv)")
+        skipped.append(bad)
+        frames.append(split.examples[ok])
+        _write_split_features(out, name, entry, arrays, ok)
+        entries[name] = {"cache_entry": str(entry.dir), "key": entry.key, "skipped": int(len(bad))}
+    examples = pd.concat(frames, ignore_index=True)
     write_examples(out, examples[EXAMPLE_COLUMNS])
+    skipped = pd.concat(skipped, ignore_index=True)[EXAMPLE_COLUMNS + ["error"]]
+    atomic_write_text(out / "skipped.csv", skipped.to_csv(index=False))
+    if len(skipped):
+        warnings.warn(f"{len(skipped)} undecodable image(s) skipped; see {out / 'skipped.csv'}")
     write_json(out / "provenance.json", _provenance(cfg, backbone, dataset, entries, use_head,
                                                     time.perf_counter() - t0))
     return out
+
+
+def _write_split_features(out: Path, split: str, entry, arrays: dict, ok: np.ndarray) -> None:
+    """Hard-link the cached arrays into the run, or write the decodable rows when some failed."""
+    for name in ("embedding", "logits"):
+        dst = feature_path(out, split, name)
+        if name not in arrays:
+            dst.unlink(missing_ok=True)
+        elif ok.all():
+            link_or_copy(entry.dir / f"{name}.npy", dst)
+        else:
+            save_array(out, split, name, np.ascontiguousarray(arrays[name][ok]))
 
 
 def model_head_applies(backbone: Backbone, class_names: list[str], force: bool | None) -> bool:

@@ -121,10 +121,10 @@ class Run:
         return out
 
     def _rows_by_id(self) -> dict:
+        # Rows of the dataset, not of the table: skipped (undecodable) images leave gaps.
         if self._rows is None:
-            ex = self.examples
-            pos = ex.groupby("split", sort=False).cumcount().to_numpy()
-            self._rows = dict(zip(ex["id"], zip(ex["split"], pos.tolist())))
+            self._rows = {i: (name, row) for name, split in self.dataset().splits.items()
+                          for row, i in enumerate(split.examples["id"])}
         return self._rows
 
     def _array(self, split: str, name: str, mmap: bool) -> np.ndarray:
