@@ -31,6 +31,7 @@ HELP = {
     "batch_size": "images per forward pass",
     "num_workers": "DataLoader workers (default: cores - 1, at most 8)",
     "cache_dir": "feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)",
+    "shard_size": "examples per cache shard, the unit of resume after an interruption",
     "use_model_head": "use the model's own classifier as a head (default: when its classes "
                       "are the dataset's)",
     "heads": "heads to fit: knn linear model",

@@ -40,6 +40,7 @@ class RunConfig:
     batch_size: int = 128
     num_workers: int | None = None
     cache_dir: str | None = None
+    shard_size: int = 4096  # examples per cache shard: the unit of resume after an interruption
     use_model_head: bool | None = None  # None = when the model's classes match the dataset's
     # heads
     heads: list[str] = dataclasses.field(default_factory=lambda: ["knn", "linear", "model"])
@@ -110,7 +111,7 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown head(s) {bad_heads}; choose from knn, linear, model")
     if cfg.knn_weights not in ("exp", "uniform"):
         raise ConfigError(f"knn_weights must be exp or uniform, not {cfg.knn_weights!r}")
-    for name in ("k", "batch_size", "folds"):
+    for name in ("k", "batch_size", "folds", "shard_size"):
         if getattr(cfg, name) < 1 or (name == "folds" and cfg.folds < 2):
             raise ConfigError(f"{name} must be a positive integer (folds >= 2)")
 

@@ -47,7 +47,7 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         arrays, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
                                       precision=cfg.precision, with_logits=use_head,
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                      progress=progress)
+                                      shard_size=cfg.shard_size, progress=progress)
         ok = arrays["ok"]
         bad = split.examples[~ok].assign(error=arrays["error"][~ok])
         if len(bad) and cfg.strict:
@@ -158,7 +158,11 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
     others = [s for s in run.splits if s != FIT_SPLIT]
     probs, neighbor_labels = {}, {}
     if "knn" in cfg.heads:
-        knn = KNNClassifier(k=min(cfg.k, len(fit_x) - 1), temperature=cfg.temperature,
+        k = min(cfg.k, len(fit_x) - 1)
+        if k < cfg.k:
+            warnings.warn(f"k={cfg.k} but the train split has {len(fit_x)} examples: kNN uses "
+                          f"k={k} (each train example is left out of its own vote)")
+        knn = KNNClassifier(k=k, temperature=cfg.temperature,
                             weights=cfg.knn_weights, device=_head_device(cfg))
         knn.fit(fit_x, fit_y, n_classes=n_classes)
         probs["knn"] = {}
