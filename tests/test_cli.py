@@ -93,3 +93,19 @@ def test_imagenet_backbones_end_to_end(model, size, tiny_folder, tmp_path, monke
 
 def _no_network(*a, **k):
     raise OSError("network is unreachable (test)")
+
+
+def test_doctor_reports_what_it_finds(tmp_path, monkeypatch, capsys):
+    import json
+    monkeypatch.setenv("HARDPROBE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub = tmp_path / "torch" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    (hub / "resnet20-12fca82f.th").write_bytes(b"x")
+    assert main(["doctor", "--json"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["packages"]["torch"] and env["cache"]["path"] == str(tmp_path / "cache")
+    assert env["weights_on_disk"]["cifar_resnet20"] == str(hub / "resnet20-12fca82f.th")
+    assert env["weights_on_disk"]["cifar_resnet56"] is None
+    assert main(["doctor"]) == 0
+    assert "-- not found" in capsys.readouterr().out

@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", help="split to rank, or 'all'")
     s.add_argument("--by", default="hardness", help="column to sort by, highest first")
     sub.add_parser("models", help="list the registered backbones")
+    s = sub.add_parser("doctor", help="check the environment: versions, devices, cache, weights")
+    s.add_argument("--json", action="store_true", help="print JSON")
     s = sub.add_parser("layers", help="list a model's layers (candidates for --cam-layer)")
     s.add_argument("model")
     return p
@@ -143,6 +145,12 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .backbones import list_backbones
         for m in list_backbones():
             print(f"{m['name']:<22} {m['summary']}")
+    elif ns.command == "doctor":
+        import json
+
+        from .doctor import environment, report
+        env = environment()
+        print(json.dumps(env, indent=2) if ns.json else report(env))
     elif ns.command == "layers":
         from .backbones import create_backbone
         from .backbones.registry import list_layers
