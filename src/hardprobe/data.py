@@ -107,7 +107,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
         with Image.open(path) as img:
             img.load()
             return pil_to_tensor(img)
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises these for bad files
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # bad files
         raise DataError(f"cannot decode image {path}: {e}. Remove or replace the file.") from e
 
 
