@@ -101,7 +101,10 @@ def test_headless_model_stores_no_logits(tiny_backbone, tiny_folder, tmp_path):
 def test_device_and_precision_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    from hardprobe.features import cpu_has_bf16_units
+    want = "bf16" if cpu_has_bf16_units() else "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) == want
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
     with pytest.raises(ValueError, match="precision"):
         resolve_precision("fp8", torch.device("cpu"))
     if not torch.cuda.is_available():

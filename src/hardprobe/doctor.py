@@ -18,14 +18,14 @@ def environment() -> dict:
     import torch
 
     from .cache import default_cache_dir
-    from .features import resolve_device
+    from .features import cpu_has_bf16_units, resolve_device
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "packages": {p: _version(p) for p in PACKAGES},
         "cpu": {"cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                 "capability": torch.backends.cpu.get_cpu_capability(),
-                "bf16_matmul": _cpu_flags() & {"amx_bf16", "avx512_bf16"} != set()},
+                "bf16_matmul": cpu_has_bf16_units()},
         "cuda": [{"name": torch.cuda.get_device_name(i),
                   "bf16": torch.cuda.is_bf16_supported()} for i in range(torch.cuda.device_count())],
         "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
@@ -75,17 +75,6 @@ def _version(pkg: str) -> str | None:
         return md.version(pkg)
     except md.PackageNotFoundError:
         return None
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def _cache(path: Path) -> dict:

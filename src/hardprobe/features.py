@@ -20,7 +20,7 @@ from .cache import CacheEntry, atomic_write_text, default_cache_dir
 from .data import Split, SplitDataset, collate_skipping
 
 # Bump when a change to this module changes what it writes for the same inputs.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 
 
 class NonFiniteFeaturesError(ValueError):
@@ -43,13 +43,30 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'fp32' | 'bf16' | 'auto' -> 'fp32' or 'bf16'. auto = bf16 on a GPU that supports it."""
+    """'fp32' | 'bf16' | 'auto' -> 'fp32' or 'bf16'.
+
+    auto = bf16 where the hardware has bf16 matrix units: a CUDA GPU that supports it, or a
+    CPU with AMX or AVX512-BF16 (elsewhere bf16 on the CPU is emulated and slower than fp32).
+    """
     if precision not in ("fp32", "bf16", "auto"):
         raise ValueError(f"--precision must be fp32, bf16 or auto, not {precision!r}")
     if precision == "auto":
-        ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return "bf16" if ok else "fp32"
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and cpu_has_bf16_units() else "fp32"
     return precision
+
+
+def cpu_has_bf16_units() -> bool:
+    """AMX-BF16 or AVX512-BF16 in /proc/cpuinfo (Linux); False where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+    except OSError:
+        pass
+    return False
 
 
 def default_num_workers() -> int:
@@ -102,7 +119,10 @@ def _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size
     entry.drop_bad_shards(n_shards)
     todo = [i for i in range(n_shards) if not entry.has_shard(i)]
     done = n - sum(len(range(i * shard_size, min(n, (i + 1) * shard_size))) for i in todo)
+    # channels_last: the layout oneDNN and cuDNN convolutions run fastest in (1.6x measured
+    # for ResNet-50 on this 2-core AVX-512 CPU); harmless for a ViT's patch embedding.
     backbone.to(dev)
+    backbone.model.to(memory_format=torch.channels_last)
     bar = tqdm(total=n, initial=done, unit="img", disable=not progress,
                desc=f"{backbone.name} {split.name}")
     for i in todo:
@@ -126,8 +146,10 @@ def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_worke
                      bar) -> dict[str, np.ndarray]:
     """Features of rows idx (a contiguous range). Undecodable images get NaN rows, ok=False and
     their error message, so one bad file never stops or loses a run."""
+    # Workers decode and resize/crop to uint8; the main process normalises whole batches on
+    # the device (a quarter of the bytes to move, one fused op per batch).
     loader = torch.utils.data.DataLoader(
-        SplitDataset(split, backbone.preprocess, idx), batch_size=batch_size,
+        SplitDataset(split, backbone.preprocess.geometric, idx), batch_size=batch_size,
         num_workers=num_workers, pin_memory=dev.type == "cuda", collate_fn=collate_skipping)
     n, start = len(idx), int(idx[0])
     out = {"embedding": np.full((n, backbone.embed_dim), np.nan, np.float32),
@@ -137,11 +159,12 @@ def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_worke
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
                 else contextlib.nullcontext())
     with torch.inference_mode(), autocast:
-        for x, rows, failed in loader:  # x: (B, 3, H, W) float32, rows: (B,) split rows
+        for x, rows, failed in loader:  # x: (B, 3, H, W) uint8, rows: (B,) split rows
             for i, err in failed:
                 out["ok"][i - start], out["error"][i - start] = False, err
             if x is not None:
-                e, lg = backbone(x.to(dev, non_blocking=True))
+                x = backbone.preprocess.normalize(x.to(dev, non_blocking=True))
+                e, lg = backbone(x.contiguous(memory_format=torch.channels_last))
                 pos = rows.numpy() - start
                 out["embedding"][pos] = e.float().cpu().numpy()  # (B, D)
                 if with_logits:

@@ -74,7 +74,11 @@ class Preprocess:
         return asdict(self)
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
-        # img: uint8 (C, H, W) or (N, C, H, W), C == 3.
+        """uint8 (C, H, W) or (N, C, H, W) -> normalised float32, resized and cropped."""
+        return self.normalize(self.geometric(img))
+
+    def geometric(self, img: torch.Tensor) -> torch.Tensor:
+        """Resize and centre-crop, staying uint8 (cheap to batch, move and pin)."""
         if img.dtype != torch.uint8:
             raise TypeError(f"Preprocess expects uint8 images, got {img.dtype}")
         x = img
@@ -83,8 +87,13 @@ class Preprocess:
                           antialias=self.antialias)
         if self.crop_size is not None:
             x = TF.center_crop(x, [self.crop_size])
-        x = x.float().div_(255.0)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-        return (x - mean) / std
+        return x
 
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 -> float32 (x / 255 - mean) / std in one batched step, on x's device."""
+        if x.dtype != torch.uint8:
+            raise TypeError(f"Preprocess expects uint8 images, got {x.dtype}")
+        # (x/255 - m)/s == x * (1/(255 s)) - m/s : one multiply-add per pixel
+        scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
+        shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=x.device)
+        return torch.addcmul(-shift.view(-1, 1, 1), x.float(), scale.view(-1, 1, 1))
