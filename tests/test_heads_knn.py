@@ -195,3 +195,21 @@ def test_proba_and_neighbors_in_one_search_equal_the_separate_calls():
     s2, i2 = knn.kneighbors(None, exclude_self=True)
     np.testing.assert_array_equal(i, i2)
     np.testing.assert_array_equal(s, s2)
+
+
+def test_bf16_search_with_exact_rerank_matches_fp32():
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(800, 64)).astype(np.float32)
+    y = rng.integers(0, 5, 800)
+    Q = rng.normal(size=(100, 64)).astype(np.float32)
+    exact = KNNClassifier(k=10).fit(X, y)
+    fast = KNNClassifier(k=10, precision="bf16", rerank=32).fit(X, y)
+    s1, i1 = exact.kneighbors(Q)
+    s2, i2 = fast.kneighbors(Q)
+    assert (i1 == i2).mean() > 0.99  # same neighbours, up to near-ties bf16 could not separate
+    np.testing.assert_allclose(s2, s1, atol=1e-5)  # similarities are exact fp32 after re-rank
+    _, j1 = exact.kneighbors(None, exclude_self=True)
+    _, j2 = fast.kneighbors(None, exclude_self=True)
+    assert (j1 == j2).mean() > 0.99 and not (j2 == np.arange(800)[:, None]).any()
+    with pytest.raises(ValueError, match="precision"):
+        KNNClassifier(precision="fp8").fit(X, y)

@@ -31,12 +31,15 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     n_samples_fit_, y_fit_ (N_train,) int64.
     """
 
-    def __init__(self, *, k=20, temperature=0.07, weights="exp", chunk_size=None, device="cpu"):
+    def __init__(self, *, k=20, temperature=0.07, weights="exp", chunk_size=None, device="cpu",
+                 precision="fp32", rerank=32):
         self.k = k
         self.temperature = temperature
         self.weights = weights
         self.chunk_size = chunk_size
         self.device = device
+        self.precision = precision  # "bf16": candidate search in bf16, exact fp32 re-rank
+        self.rerank = rerank  # extra bf16 candidates re-scored exactly per query
 
     def fit(self, X, y, n_classes=None):
         """Store L2-normalised training features. n_classes: number of classes; None means
@@ -96,6 +99,8 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.chunk_size is not None and not self.chunk_size >= 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size!r}")
 
@@ -115,21 +120,42 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"k={self.k} is larger than the {n_avail} training examples available"
                 + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
-        chunk = self.chunk_size or max(1, _SIM_BLOCK_BYTES // (4 * self.n_samples_fit_))
+        # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
+        per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
+                     2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
+        chunk = self.chunk_size or max(1, _SIM_BLOCK_BYTES // per_query)
         sims, idx = [], []
+        train_lo = self._train.bfloat16() if self.precision == "bf16" else None
         with torch.inference_mode():
             for start in range(0, len(queries), chunk):
-                block = queries[start:start + chunk] @ self._train.T  # (chunk, N_train) cosine
-                if self_rows:
-                    rows = torch.arange(len(block), device=block.device)
-                    block[rows, rows + start] = -torch.inf  # the query itself never ranks
-                s, i = torch.topk(block, self.k, dim=1)  # (chunk, k), descending
+                q = queries[start:start + chunk]  # (chunk, D)
+                s, i = (self._topk_exact(q, start, self_rows) if train_lo is None
+                        else self._topk_bf16(q, train_lo, start, self_rows, n_avail))
                 sims.append(s)
                 idx.append(i)
         if not sims:  # zero queries
             empty = torch.empty(0, self.k, device=self._train.device)
             return empty, empty.long()
         return torch.cat(sims), torch.cat(idx)
+
+    def _topk_exact(self, q, start, self_rows):
+        block = q @ self._train.T  # (chunk, N_train) cosine, fp32
+        if self_rows:
+            rows = torch.arange(len(block), device=block.device)
+            block[rows, rows + start] = -torch.inf  # the query itself never ranks
+        return torch.topk(block, self.k, dim=1)  # (chunk, k), descending
+
+    def _topk_bf16(self, q, train_lo, start, self_rows, n_avail):
+        """Candidates from a bf16 matmul (several times faster on AMX / tensor cores), then the
+        exact fp32 similarity of each candidate decides the final top k."""
+        block = q.bfloat16() @ train_lo.T  # (chunk, N_train) cosine, bf16 (~3 digits)
+        if self_rows:
+            rows = torch.arange(len(block), device=block.device)
+            block[rows, rows + start] = -torch.inf
+        cand = torch.topk(block, min(self.k + self.rerank, n_avail), dim=1).indices  # (chunk, k+r)
+        exact = torch.einsum("cd,ckd->ck", q, self._train[cand])  # (chunk, k+r) fp32
+        s, j = torch.topk(exact, self.k, dim=1)
+        return s, torch.gather(cand, 1, j)
 
     def _queries(self, X, exclude_self):
         """(normalised query features (N, D), whether query row i is training row i)."""
