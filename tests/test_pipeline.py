@@ -146,3 +146,15 @@ def test_undecodable_images_are_skipped_and_listed(cfg, tiny_folder):
     assert (img == read_image(test / "dog" / "img_002.png")).all()
     with pytest.raises(DataError, match="strict"):
         pipeline.run(replace(cfg, strict=True), progress=False)
+
+
+def test_rerun_skips_classify_unless_its_inputs_change(cfg, monkeypatch):
+    from dataclasses import replace
+    pipeline.run(cfg, progress=False)
+    calls = []
+    real = pipeline.classify
+    monkeypatch.setattr(pipeline, "classify", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    pipeline.run(cfg, progress=False)
+    assert calls == [] and "hardness" in hardprobe.load_run(cfg.out).examples
+    pipeline.run(replace(cfg, k=3), progress=False)
+    assert calls == [1]

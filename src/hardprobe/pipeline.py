@@ -18,12 +18,12 @@ import pandas as pd
 from . import __version__, scores
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, build_config, load_config, save_config
-from .cache import atomic_write_text
+from .cache import atomic_write_text, key_digest
 from .data import EXAMPLE_COLUMNS, DataError, ImageSet, load_dataset
 from .features import extract_split, resolve_device
 from .heads import KNNClassifier, LinearProbe, cross_val_predict_proba
-from .run import (Run, feature_path, link_or_copy, load_run, save_array, write_examples,
-                  write_json)
+from .run import (Run, feature_path, link_or_copy, load_run, read_json, save_array,
+                  write_examples, write_json)
 
 FIT_SPLIT = "train"
 
@@ -58,8 +58,9 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         frames.append(split.examples[ok])
         _write_split_features(out, name, entry, arrays, ok)
         entries[name] = {"cache_entry": str(entry.dir), "key": entry.key, "skipped": int(len(bad))}
-    examples = pd.concat(frames, ignore_index=True)
-    write_examples(out, examples[EXAMPLE_COLUMNS])
+    examples = pd.concat(frames, ignore_index=True)[EXAMPLE_COLUMNS]
+    if not _same_examples(out, examples):  # a rerun on the same images keeps the scores
+        write_examples(out, examples)
     skipped = pd.concat(skipped, ignore_index=True)[EXAMPLE_COLUMNS + ["error"]]
     atomic_write_text(out / "skipped.csv", skipped.to_csv(index=False))
     if len(skipped):
@@ -79,6 +80,33 @@ def _write_split_features(out: Path, split: str, entry, arrays: dict, ok: np.nda
             link_or_copy(entry.dir / f"{name}.npy", dst)
         else:
             save_array(out, split, name, np.ascontiguousarray(arrays[name][ok]))
+
+
+def _same_examples(out: Path, examples: pd.DataFrame) -> bool:
+    path = out / "examples.parquet"
+    if not path.exists():
+        return False
+    old = pd.read_parquet(path, columns=EXAMPLE_COLUMNS)
+    return old.equals(examples.reset_index(drop=True))
+
+
+# ------------------------------------------------------------------ stage stamps
+HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head", "seed")
+
+
+def _classify_key(run: Run, cfg: RunConfig) -> str:
+    """Everything classify's output depends on: the features (cache digests) and head config."""
+    feats = {s: f["key"] for s, f in run.provenance["features"].items()}
+    return key_digest({"features": feats, "heads": {k: getattr(cfg, k) for k in HEAD_KEYS}})
+
+
+def _stamps(run_dir: Path) -> dict:
+    p = Path(run_dir) / "stages.json"
+    return read_json(p) if p.exists() else {}
+
+
+def _stamp(run_dir: Path, stage: str, key: str) -> None:
+    write_json(Path(run_dir) / "stages.json", {**_stamps(run_dir), stage: key})
 
 
 def model_head_applies(backbone: Backbone, class_names: list[str], force: bool | None) -> bool:
@@ -128,7 +156,17 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
     metrics["classify_seconds"] = round(time.perf_counter() - t0, 2)
     write_examples(run.path, examples)
     write_json(run.path / "metrics.json", metrics)
+    _stamp(run.path, "classify", _classify_key(run, cfg))
     return metrics
+
+
+def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Run classify unless the run already holds its output for these features and heads."""
+    run = load_run(run_dir)
+    if _stamps(run.path).get("classify") == _classify_key(run, cfg) and "hardness" in run.examples:
+        return False
+    classify(run.path, cfg)
+    return True
 
 
 def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict]:
@@ -250,7 +288,7 @@ def _notes(probs: dict) -> list[str]:
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     """All stages of the probe pipeline into cfg.out."""
     out = extract(cfg, progress=progress)
-    classify(out, cfg)
+    classify_if_changed(out, cfg)
     return out
 
 
