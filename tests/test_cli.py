@@ -109,3 +109,23 @@ def test_doctor_reports_what_it_finds(tmp_path, monkeypatch, capsys):
     assert env["weights_on_disk"]["cifar_resnet56"] is None
     assert main(["doctor"]) == 0
     assert "-- not found" in capsys.readouterr().out
+
+
+def test_stage_commands(tiny_folder, tmp_path, capsys):
+    train, test = tiny_folder
+    out = tmp_path / "run"
+    common = ["--model", "cifar_resnet20", "--random-init", "--data", "imagefolder", "--train",
+              str(train), "--test", str(test), "--cache-dir", str(tmp_path / "c"), "--k", "5",
+              "--num-workers", "0", "--no-progress", "--no-similarity", "--top", "0", "--no-report"]
+    assert main(["run", "--out", str(out)] + common) == 0
+    assert not (out / "report.html").exists() and not (out / "explain").exists()
+    assert main(["explain", str(out), "--top", "3", "--device", "cpu"]) == 0
+    assert main(["similarity", str(out), "--top", "3", "--map-method", "pca"]) == 0
+    assert main(["report", str(out)]) == 0
+    assert (out / "explain" / "cams.npz").exists() and (out / "report.html").exists()
+    assert main(["run", "--out", str(tmp_path / "run2")] + common) == 0
+    capsys.readouterr()
+    assert main(["cka", str(out), str(tmp_path / "run2")]) == 0
+    assert "linear CKA (test): 1.0000" in capsys.readouterr().out
+    assert main(["explain", str(out), "--layer", "layer9"]) == 2
+    assert "hardprobe layers" in capsys.readouterr().err

@@ -15,7 +15,8 @@ def cfg(tiny_folder, tmp_path):
     train, test = tiny_folder
     return build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
                         train=str(train), test=str(test), out=str(tmp_path / "run"),
-                        cache_dir=str(tmp_path / "cache"), k=5, num_workers=0, batch_size=16)
+                        cache_dir=str(tmp_path / "cache"), k=5, num_workers=0, batch_size=16,
+                        similarity=False, top=0, report=False)  # the later stages: own test
 
 
 def test_run_writes_the_contract(cfg):
@@ -158,3 +159,17 @@ def test_rerun_skips_classify_unless_its_inputs_change(cfg, monkeypatch):
     assert calls == [] and "hardness" in hardprobe.load_run(cfg.out).examples
     pipeline.run(replace(cfg, k=3), progress=False)
     assert calls == [1]
+
+
+def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
+    from dataclasses import replace
+    full = replace(cfg, similarity=True, top=6, report=True, map_method="tsne")
+    out = pipeline.run(full, progress=False)
+    for f in ["similarity/neighbors.parquet", "similarity/map2d.parquet", "explain/cams.npz",
+              "explain/meta.json", "report.html"]:
+        assert (out / f).exists(), f
+    import hardprobe.explain as E
+    import hardprobe.similarity as S
+    monkeypatch.setattr(E, "explain_run", lambda *a, **k: pytest.fail("explain recomputed"))
+    monkeypatch.setattr(S, "similarity_run", lambda *a, **k: pytest.fail("similarity recomputed"))
+    pipeline.run(full, progress=False)

@@ -42,6 +42,15 @@ HELP = {
     "folds": "folds of the out-of-fold linear-probe probabilities on train",
     "issue_head": "head whose out-of-sample probabilities find label issues",
     "seed": "random seed",
+    "top": "hardest examples explained (Grad-CAM), given neighbours and shown in the report; "
+           "0 skips explain",
+    "cam_method": "Grad-CAM method: gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, "
+                  "scorecam",
+    "cam_layer": "Grad-CAM target layer (default: the backbone's; see `hardprobe layers MODEL`)",
+    "neighbors": "train neighbours shown per hard example",
+    "map_method": "2-D map of the test embeddings: tsne or pca",
+    "similarity": "compute neighbours, centroids and the 2-D map",
+    "report": "write RUN_DIR/report.html",
     "out": "run directory to write",
 }
 HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head",
@@ -85,6 +94,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--top", type=int, default=20)
     s.add_argument("--split", default="test", help="split to rank, or 'all'")
     s.add_argument("--by", default="hardness", help="column to sort by, highest first")
+    s = sub.add_parser("explain", help="Grad-CAM of the hardest examples (given vs predicted)")
+    s.add_argument("run_dir")
+    s.add_argument("--top", type=int, default=24, help="hardest examples to explain")
+    s.add_argument("--ids", nargs="+", help="explain these example ids instead")
+    s.add_argument("--split", default="test")
+    s.add_argument("--method", default="gradcam", help="gradcam, gradcam++, xgradcam, layercam, "
+                   "hirescam, eigencam, scorecam")
+    s.add_argument("--layer", help="target layer (see `hardprobe layers MODEL`)")
+    s.add_argument("--no-fast", action="store_true", help="use the library path for gradcam too")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=16)
+    s = sub.add_parser("similarity", help="neighbours of hard examples, centroids, 2-D map")
+    s.add_argument("run_dir")
+    s.add_argument("--top", type=int, default=24)
+    s.add_argument("--k", type=int, default=8, help="train neighbours per example")
+    s.add_argument("--split", default="test")
+    s.add_argument("--map-method", default="tsne", choices=["tsne", "pca"])
+    s = sub.add_parser("cka", help="linear CKA between the features of two runs on the same images")
+    s.add_argument("run_a")
+    s.add_argument("run_b")
+    s.add_argument("--split", default="test")
+    s = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained)")
+    s.add_argument("run_dir")
+    s.add_argument("--top", type=int, default=24)
+    s.add_argument("--max-rows", type=int, default=200)
+    s.add_argument("--out", help="file or folder to write (default RUN_DIR/report.html)")
     sub.add_parser("models", help="list the registered backbones")
     s = sub.add_parser("doctor", help="check the environment: versions, devices, cache, weights")
     s.add_argument("--json", action="store_true", help="print JSON")
@@ -141,6 +176,23 @@ def _dispatch(ns: argparse.Namespace) -> int:
                            by=ns.by)
         from .run import load_run
         _print_rank(df, load_run(ns.run_dir).class_names)
+    elif ns.command == "explain":
+        from .explain import explain_run
+        from .features import resolve_device
+        out = explain_run(ns.run_dir, ids=ns.ids, top=ns.top, split=ns.split, method=ns.method,
+                          layer=ns.layer, fast=not ns.no_fast, batch_size=ns.batch_size,
+                          device=str(resolve_device(ns.device)))
+        print(f"wrote {out}")
+    elif ns.command == "similarity":
+        from .similarity import similarity_run
+        print(f"wrote {similarity_run(ns.run_dir, top=ns.top, k=ns.k, split=ns.split, map_method=ns.map_method)}")
+    elif ns.command == "cka":
+        from .run import load_run
+        from .similarity import cka_runs
+        print(f"linear CKA ({ns.split}): {cka_runs(load_run(ns.run_a), load_run(ns.run_b), split=ns.split):.4f}")
+    elif ns.command == "report":
+        from .report import write_report
+        print(f"wrote {write_report(ns.run_dir, top=ns.top, max_rows=ns.max_rows, out=ns.out)}")
     elif ns.command == "models":
         from .backbones import list_backbones
         for m in list_backbones():

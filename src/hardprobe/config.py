@@ -51,6 +51,14 @@ class RunConfig:
     folds: int = 5
     issue_head: str = "linear"  # head whose out-of-sample probabilities feed label_issue
     seed: int = 0
+    # explain / similarity / report (parts of `hardprobe run`; 0 / false skips a stage)
+    top: int = 24  # hardest examples explained, given neighbours and shown in the report
+    cam_method: str = "gradcam"
+    cam_layer: str | None = None  # default: the backbone's (see `hardprobe layers MODEL`)
+    neighbors: int = 8  # train neighbours per hard example
+    map_method: str = "tsne"  # tsne | pca
+    similarity: bool = True
+    report: bool = True
     # output
     out: str = "runs/latest"
 
@@ -109,6 +117,10 @@ def _check_consistency(cfg: RunConfig) -> None:
     bad_heads = sorted(set(cfg.heads) - {"knn", "linear", "model"})
     if bad_heads:
         raise ConfigError(f"unknown head(s) {bad_heads}; choose from knn, linear, model")
+    if cfg.map_method not in ("tsne", "pca"):
+        raise ConfigError(f"map_method must be tsne or pca, not {cfg.map_method!r}")
+    if cfg.top < 0:
+        raise ConfigError("top must be >= 0 (0 skips explain)")
     if cfg.knn_weights not in ("exp", "uniform"):
         raise ConfigError(f"knn_weights must be exp or uniform, not {cfg.knn_weights!r}")
     for name in ("k", "batch_size", "folds", "shard_size"):

@@ -289,6 +289,27 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     """All stages of the probe pipeline into cfg.out."""
     out = extract(cfg, progress=progress)
     classify_if_changed(out, cfg)
+    splits = load_run(out).splits
+    base = _stamps(out)["classify"]
+    if cfg.similarity:
+        key = key_digest({"classify": base, "top": cfg.top, "k": cfg.neighbors,
+                          "map": cfg.map_method, "seed": cfg.seed})
+        if _stamps(out).get("similarity") != key:
+            from .similarity import similarity_run
+            similarity_run(out, top=cfg.top, k=cfg.neighbors, map_method=cfg.map_method,
+                           progress=progress)
+            _stamp(out, "similarity", key)
+    if cfg.top > 0 and "test" in splits:
+        key = key_digest({"classify": base, "top": cfg.top, "method": cfg.cam_method,
+                          "layer": cfg.cam_layer})
+        if _stamps(out).get("explain") != key:
+            from .explain import explain_run
+            explain_run(out, top=cfg.top, method=cfg.cam_method, layer=cfg.cam_layer,
+                        device=str(resolve_device(cfg.device)), progress=progress)
+            _stamp(out, "explain", key)
+    if cfg.report:
+        from .report import write_report
+        write_report(out, top=cfg.top)
     return out
 
 
