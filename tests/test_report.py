@@ -41,7 +41,8 @@ def base_run(tmp_path_factory) -> Path:
     test = make_folder(root / "test", 4, 1, classes=CLASSES)
     cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
                        train=str(train), test=str(test), out=str(root / "run"),
-                       cache_dir=str(root / "cache"), k=5, num_workers=0)
+                       cache_dir=str(root / "cache"), k=5, num_workers=0,
+                       similarity=False, top=0, report=False)  # the tests add those stages
     with warnings.catch_warnings():  # e.g. too few examples for label issues: kept in the run
         warnings.simplefilter("ignore")
         return pipeline.run(cfg, progress=False)
