@@ -59,3 +59,13 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(target, boom)
     assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_atomic_write_gives_the_usual_file_mode(tmp_path):
+    """Not mkstemp's 0o600: others can read a run dir as they can any file the user writes."""
+    import os
+
+    from hardprobe.cache import atomic_write_text
+    atomic_write_text(tmp_path / "f.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")  # what open() gives under the same umask
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777

@@ -48,6 +48,16 @@ def sha256_bytes_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _file_mode() -> int:
+    """The mode open() would give a new file (0o666 less the umask); mkstemp's is 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_MODE = _file_mode()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None]) -> None:
     """Write via a temporary file in the same folder, then rename: never a half-written file."""
     path = Path(path)
@@ -58,6 +68,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _MODE)  # readable by others as any file the user writes, not 0o600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
