@@ -28,7 +28,7 @@ def bench(name: str, batch: int, repeats: int) -> dict:
     for m in bb.model.modules():  # torchvision's ViT head starts at zero: every map blank
         if isinstance(m, torch.nn.Linear) and not m.weight.any():
             torch.nn.init.normal_(m.weight, std=0.02)
-    size = bb.preprocess.output_size
+    size = bb.preprocess.output_size or 32  # CIFAR ResNets take the image as it is
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     targets = torch.randint(0, bb.num_classes, (batch,), generator=g).tolist()
