@@ -158,3 +158,13 @@ def test_errors():
         LinearProbe(C=0).fit(X, y)
     with pytest.raises(ValueError, match=r"out of range for n_classes=2"):
         cross_val_predict_proba(LinearProbe(), X, y + 1, n_classes=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fit_leaves_the_features_untouched(dtype):
+    """Standardisation runs in place on the probe's own copy, never on the caller's array."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, size=(200, 8)).astype(dtype)
+    before = X.copy()
+    LinearProbe().fit(X, rng.integers(0, 3, 200))
+    np.testing.assert_array_equal(X, before)

@@ -208,6 +208,7 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
             x = None if s == FIT_SPLIT else run.features(s)
             p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
             probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
+        del knn  # its normalised copy of the train features: free it before the probe fits
     if "linear" in cfg.heads:
         probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
         probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(

@@ -166,7 +166,8 @@ def summary(ctx: Context) -> str:
     if ctx.explain:
         times.append(f"explain {fmt(ctx.explain['meta'].get('seconds'), 1)} s")
     if ctx.sim and ctx.sim["summary"]:
-        times.append(f"similarity {fmt(ctx.sim['summary'].get('seconds'), 1)} s")
+        secs = ctx.sim["summary"].get("seconds")  # {"neighbors": .., "map": .., "total": ..}
+        times.append(f"similarity {fmt(secs.get('total') if isinstance(secs, dict) else secs, 1)} s")
     pairs = [
         ("model", f"<b>{esc(bb.get('name', '?'))}</b> · embedding {fmt(bb.get('embed_dim'))}-d"
                   f" · CAM layer <code>{esc(p.get('cam_layer'))}</code>"),
