@@ -88,7 +88,7 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--child":
         child(sys.argv[4:], sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="cifar_resnet20")
+    ap.add_argument("--model", default="cifar_resnet56")
     ap.add_argument("--n-train", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=2048)
     args = ap.parse_args()
@@ -96,9 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train, test = images(tmp / "data")
-        ckpt = SHARED / "models" / "cifar-resnet" / "resnet20-12fca82f.th"
-        weights = (["--weights", str(ckpt)] if args.model == "cifar_resnet20" and ckpt.exists()
-                   else ["--random-init"])
+        files = {"cifar_resnet20": "resnet20-12fca82f.th", "cifar_resnet56": "resnet56-4bfd9763.th"}
+        ckpt = SHARED / "models" / "cifar-resnet" / files.get(args.model, "-")
+        weights = ["--weights", str(ckpt)] if ckpt.exists() else ["--random-init"]
         cmd = ["run", "--model", args.model, *weights, "--data", "imagefolder", "--train",
                str(train), "--test", str(test), "--out", str(tmp / "run"), "--cache-dir",
                str(tmp / "cache"), "--no-progress"]

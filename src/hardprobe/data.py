@@ -120,10 +120,11 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     if not classes:
         raise DataError(f"{root} has no class folders; expected <root>/<class>/<image> files")
     items, empty = [], []
+    skip = len(str(root)) + 1  # plain string slicing: pathlib costs seconds on 60,000 files
     for c in classes:
         files = sorted(
-            str(Path(dirpath, f).relative_to(root)).replace(os.sep, "/")
-            for dirpath, _, fnames in os.walk(root / c, followlinks=True)
+            os.path.join(dirpath, f)[skip:].replace(os.sep, "/")
+            for dirpath, _, fnames in os.walk(os.path.join(root, c), followlinks=True)
             for f in fnames if f.lower().endswith(IMG_EXTENSIONS))
         if not files:
             empty.append(c)
@@ -136,8 +137,9 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
 
 def _manifest_digest(root: Path, rel_paths: list[str]) -> str:
     h = hashlib.sha256()
+    base = str(root)
     for rel in rel_paths:
-        st = (root / rel).stat()
+        st = os.stat(os.path.join(base, rel))
         h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 

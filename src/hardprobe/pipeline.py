@@ -309,8 +309,13 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
                         device=str(resolve_device(cfg.device)), progress=progress)
             _stamp(out, "explain", key)
     if cfg.report:
-        from .report import write_report
-        write_report(out, top=cfg.top)
+        stamps = _stamps(out)
+        key = key_digest({s: stamps.get(s) for s in ("classify", "similarity", "explain")}
+                         | {"top": cfg.top})
+        if stamps.get("report") != key or not (out / "report.html").exists():
+            from .report import write_report
+            write_report(out, top=cfg.top)
+            _stamp(out, "report", key)
     return out
 
 
