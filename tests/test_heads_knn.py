@@ -130,7 +130,7 @@ def test_chunk_size_from_memory_budget(monkeypatch):
     X, y, Xq = _data(5, 6, n_train=60)
     full = KNNClassifier(k=5).fit(X, y).kneighbors(Xq)[1]
     # Budget for 7 rows of a (chunk, 60) float32 block -> chunks of 7 queries.
-    monkeypatch.setattr("hardprobe.heads.knn._SIM_BLOCK_BYTES", 7 * 60 * 4)
+    monkeypatch.setattr("hardprobe.heads.knn.block_budget", lambda: 7 * 60 * 4)
     seen, real_topk = [], torch.topk
 
     def spy_topk(block, *args, **kwargs):
@@ -213,3 +213,24 @@ def test_bf16_search_with_exact_rerank_matches_fp32():
     assert (j1 == j2).mean() > 0.99 and not (j2 == np.arange(800)[:, None]).any()
     with pytest.raises(ValueError, match="precision"):
         KNNClassifier(precision="fp8").fit(X, y)
+
+
+def test_faiss_backend_equals_our_exact_search():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(7)
+    X, y = rng.normal(size=(500, 32)).astype(np.float32), rng.integers(0, 4, 500)
+    Q = rng.normal(size=(50, 32)).astype(np.float32)
+    ours = KNNClassifier(k=7).fit(X, y)
+    fa = KNNClassifier(k=7, backend="faiss").fit(X, y)
+    for args in ((Q,), (None,)):
+        kw = {"exclude_self": args[0] is None}
+        s1, i1 = ours.kneighbors(*args, **kw)
+        s2, i2 = fa.kneighbors(*args, **kw)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_allclose(s1, s2, atol=1e-5)
+    np.testing.assert_allclose(ours.predict_proba(Q), fa.predict_proba(Q), atol=1e-5)
+
+
+def test_block_budget_is_bounded():
+    from hardprobe.heads.knn import block_budget
+    assert 64 * 2**20 <= block_budget() <= 2**30

@@ -9,13 +9,14 @@ The input validation helpers at the bottom are shared with `linear.py`.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-_SIM_BLOCK_BYTES = 256 * 2**20  # budget for one (chunk, n_train) float32 similarity block
 _WEIGHTS = ("exp", "uniform")
 
 
@@ -24,7 +25,10 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
 
     k: neighbours per query. temperature: T in exp(sim / T); smaller T lets the closest
     neighbours dominate (only used with weights="exp"). chunk_size: queries per similarity
-    matmul; None derives it from a ~256 MB budget for the (chunk, n_train) block.
+    matmul; None derives it from the memory available (block_budget(): an eighth of it,
+    64 MB to 1 GB, for the (chunk, n_train) block). backend: "torch" or "faiss" (exact
+    IndexFlatIP; needs faiss-cpu). precision: "bf16" searches candidates in bf16 and
+    re-ranks k + rerank of them exactly in fp32.
     device: torch device for the search ("cpu", "cuda", ...). Outputs are always numpy.
 
     Fitted attributes: n_classes_, classes_ (0..n_classes_-1), n_features_in_,
@@ -32,7 +36,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, *, k=20, temperature=0.07, weights="exp", chunk_size=None, device="cpu",
-                 precision="fp32", rerank=32):
+                 precision="fp32", rerank=32, backend="torch"):
         self.k = k
         self.temperature = temperature
         self.weights = weights
@@ -40,6 +44,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.precision = precision  # "bf16": candidate search in bf16, exact fp32 re-rank
         self.rerank = rerank  # extra bf16 candidates re-scored exactly per query
+        self.backend = backend  # "torch" (chunked matmul) or "faiss" (IndexFlatIP, exact)
 
     def fit(self, X, y, n_classes=None):
         """Store L2-normalised training features. n_classes: number of classes; None means
@@ -101,6 +106,8 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.backend not in ("torch", "faiss"):
+            raise ValueError(f"backend must be torch or faiss, got {self.backend!r}")
         if self.chunk_size is not None and not self.chunk_size >= 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size!r}")
 
@@ -120,10 +127,12 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(
                 f"k={self.k} is larger than the {n_avail} training examples available"
                 + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
+        if self.backend == "faiss":
+            return self._search_faiss(queries, self_rows)
         # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
         per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
                      2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
-        chunk = self.chunk_size or max(1, _SIM_BLOCK_BYTES // per_query)
+        chunk = self.chunk_size or max(1, block_budget() // per_query)
         sims, idx = [], []
         train_lo = self._train.bfloat16() if self.precision == "bf16" else None
         with torch.inference_mode():
@@ -137,6 +146,25 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             empty = torch.empty(0, self.k, device=self._train.device)
             return empty, empty.long()
         return torch.cat(sims), torch.cat(idx)
+
+    def _search_faiss(self, queries, self_rows):
+        """Exact inner-product search with FAISS (IndexFlatIP on the unit rows = cosine)."""
+        try:
+            import faiss
+        except ImportError as e:
+            raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu "
+                              "(or faiss-gpu)") from e
+        index = faiss.IndexFlatIP(self.n_features_in_)
+        index.add(self._train.cpu().numpy())
+        k = self.k + (1 if self_rows else 0)
+        sims, idx = index.search(queries.cpu().numpy(), k)  # (N, k) descending
+        if self_rows:  # drop each query's own row; if a tie pushed it out, drop the last
+            own = idx == np.arange(len(idx))[:, None]
+            own[~own.any(1), -1] = True
+            keep = ~own
+            sims, idx = sims[keep].reshape(len(idx), -1), idx[keep].reshape(len(idx), -1)
+        dev = self._train.device
+        return torch.from_numpy(sims).to(dev), torch.from_numpy(idx).to(dev)
 
     def _topk_exact(self, q, start, self_rows):
         block = q @ self._train.T  # (chunk, N_train) cosine, fp32
@@ -168,6 +196,15 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"X has {X.shape[1]} features, but the classifier was fitted "
                              f"with {self.n_features_in_}")
         return _normalise(X, self.device), False
+
+
+def block_budget() -> int:
+    """Bytes for one similarity block: an eighth of the memory available now, 64 MB to 1 GB."""
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        avail = 2**31
+    return int(min(max(avail // 8, 64 * 2**20), 2**30))
 
 
 def _normalise(X, device):
