@@ -117,3 +117,16 @@ def test_feature_key_names_its_inputs(tiny_backbone, tiny_folder):
     key = feature_key(tiny_backbone, split, precision="fp32", with_logits=True)
     assert key["backbone"]["weights"] == "random-init:test"
     assert key["manifest"] == split.manifest_digest and key["split"] == "test"
+
+
+def test_float16_storage_halves_the_embedding(tiny_backbone, tiny_folder, tmp_path):
+    split = load_imagefolder(*tiny_folder).splits["test"]
+    full, e32 = _extract(tiny_backbone, split, tmp_path)
+    half, e16 = _extract(tiny_backbone, split, tmp_path, dtype="float16")
+    assert e16.digest != e32.digest and half["embedding"].dtype == np.float16
+    assert half["logits"].dtype == np.float32
+    np.testing.assert_allclose(half["embedding"], full["embedding"], rtol=1e-3, atol=1e-3)
+    size = lambda e: (e.dir / "embedding.npy").stat().st_size - 128  # less the .npy header
+    assert size(e16) * 2 == size(e32)
+    with pytest.raises(ValueError, match="float16"):
+        _extract(tiny_backbone, split, tmp_path, dtype="int8")

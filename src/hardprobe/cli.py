@@ -32,6 +32,7 @@ HELP = {
     "num_workers": "DataLoader workers (default: cores - 1, at most 8)",
     "cache_dir": "feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)",
     "shard_size": "examples per cache shard, the unit of resume after an interruption",
+    "feature_dtype": "float32, or float16 to halve disk and memory of the embeddings",
     "use_model_head": "use the model's own classifier as a head (default: when its classes "
                       "are the dataset's)",
     "heads": "heads to fit: knn linear model",

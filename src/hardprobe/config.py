@@ -41,6 +41,7 @@ class RunConfig:
     num_workers: int | None = None
     cache_dir: str | None = None
     shard_size: int = 4096  # examples per cache shard: the unit of resume after an interruption
+    feature_dtype: str = "float32"  # float16 halves disk and RAM of the embeddings
     use_model_head: bool | None = None  # None = when the model's classes match the dataset's
     # heads
     heads: list[str] = dataclasses.field(default_factory=lambda: ["knn", "linear", "model"])
@@ -117,6 +118,8 @@ def _check_consistency(cfg: RunConfig) -> None:
     bad_heads = sorted(set(cfg.heads) - {"knn", "linear", "model"})
     if bad_heads:
         raise ConfigError(f"unknown head(s) {bad_heads}; choose from knn, linear, model")
+    if cfg.feature_dtype not in ("float32", "float16"):
+        raise ConfigError(f"feature_dtype must be float32 or float16, not {cfg.feature_dtype!r}")
     if cfg.map_method not in ("tsne", "pca"):
         raise ConfigError(f"map_method must be tsne or pca, not {cfg.map_method!r}")
     if cfg.top < 0:

@@ -47,7 +47,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         arrays, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
                                       precision=cfg.precision, with_logits=use_head,
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                      shard_size=cfg.shard_size, progress=progress)
+                                      shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
+                                      progress=progress)
         ok = arrays["ok"]
         bad = split.examples[~ok].assign(error=arrays["error"][~ok])
         if len(bad) and cfg.strict:
