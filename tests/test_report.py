@@ -342,3 +342,18 @@ def console_errors(log: str) -> list[str]:
     """Console lines of a page (the report has no script, so any is a problem)."""
     return [ln for ln in log.splitlines()
             if "Uncaught" in ln or "ERROR:CONSOLE" in ln or ":CONSOLE" in ln]
+
+
+def test_summary_counts_skipped_images(tmp_path):
+    from hardprobe import pipeline
+    train, test = make_folder(tmp_path / "train", 6, 0), make_folder(tmp_path / "test", 3, 1)
+    (test / "dog" / "img_000.png").write_bytes(b"")
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                       train=str(train), test=str(test), out=str(tmp_path / "run"),
+                       cache_dir=str(tmp_path / "cache"), k=3, num_workers=0, folds=2,
+                       similarity=False, top=0, report=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = pipeline.run(cfg, progress=False)
+    html = write_report(out).read_text()
+    assert "<b>1</b> undecodable" in html

@@ -175,6 +175,7 @@ def summary(ctx: Context) -> str:
         ("dataset", f"{esc(ds.get('name', '?'))} · {len(ctx.names)} classes: "
                     f"{esc(', '.join(ctx.names[:30]))}{' …' if len(ctx.names) > 30 else ''}"),
         ("split sizes", sizes),
+        ("skipped images", _skipped(ctx.run.path)),
         ("dataset digests", "<br>".join(f"{esc(s)}: <code>{esc(str(v.get('manifest', ''))[:16])}"
                                         f"</code> ({esc(v.get('root', ''))})"
                                         for s, v in ds.get("splits", {}).items())),
@@ -278,3 +279,12 @@ def hardest(ctx: Context) -> str:
 BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
             sections.map_section, sections.per_class, sections.label_issues]
 __all__ = ["write_report", "Context", "SECTIONS"]
+
+
+def _skipped(run_dir: Path) -> str:
+    """How many images could not be decoded (listed in skipped.csv), for the summary."""
+    path = Path(run_dir) / "skipped.csv"
+    if not path.exists():
+        return "—"
+    n = len(pd.read_csv(path))
+    return "none" if n == 0 else f"<b>{n}</b> undecodable, listed in <code>skipped.csv</code>"
