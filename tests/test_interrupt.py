@@ -77,3 +77,34 @@ def test_two_runs_writing_one_cache_at_once(tmp_path):
     b = np.load(tmp_path / "out1" / "features" / "train.embedding.npy")
     np.testing.assert_array_equal(a, b)
     assert len(list((cache / "features").glob("*/manifest.json"))) == 1
+
+
+def test_kill_9_during_explain_then_rerun_is_identical(tmp_path, tiny_folder):
+    """CAM outputs are written atomically at the end: a killed explain leaves no half file, and
+    the rerun gives the same maps as an uninterrupted one."""
+    from hardprobe import pipeline
+    from hardprobe.config import build_config
+    train, test = tiny_folder
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                       train=str(train), test=str(test), out=str(tmp_path / "run"),
+                       cache_dir=str(tmp_path / "c"), k=5, num_workers=0, similarity=False,
+                       top=0, report=False)
+    out = pipeline.run(cfg, progress=False)
+    cmd = [sys.executable, "-m", "hardprobe", "explain", str(out), "--top", "8", "--device", "cpu",
+           "--batch-size", "2"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ref = dict(np.load(out / "explain" / "cams.npz"))
+    rng = random.Random(1)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 4.0))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not [p for p in (out / "explain").iterdir() if not p.name.startswith(".")
+                    and p.suffix not in (".npz", ".parquet", ".json")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    again = dict(np.load(out / "explain" / "cams.npz"))
+    assert set(again) == set(ref)
+    for k in ref:
+        np.testing.assert_array_equal(again[k], ref[k])
