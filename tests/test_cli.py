@@ -129,3 +129,18 @@ def test_stage_commands(tiny_folder, tmp_path, capsys):
     assert "linear CKA (test): 1.0000" in capsys.readouterr().out
     assert main(["explain", str(out), "--layer", "layer9"]) == 2
     assert "hardprobe layers" in capsys.readouterr().err
+
+
+def test_depth_and_compare_commands(tiny_folder, tmp_path, capsys):
+    train, test = tiny_folder
+    common = ["--random-init", "--data", "imagefolder", "--train", str(train), "--test", str(test),
+              "--cache-dir", str(tmp_path / "c"), "--k", "5", "--num-workers", "0", "--no-progress",
+              "--no-similarity", "--top", "0", "--no-report"]
+    for m in ("cifar_resnet20", "cifar_resnet32"):
+        assert main(["run", "--model", m, "--out", str(tmp_path / m)] + common) == 0
+    assert main(["depth", str(tmp_path / "cifar_resnet20"), "--device", "cpu"]) == 0
+    import hardprobe
+    assert hardprobe.load_run(tmp_path / "cifar_resnet20").examples["prediction_depth"].notna().all()
+    assert main(["compare", str(tmp_path / "cifar_resnet20"), str(tmp_path / "cifar_resnet32"),
+                 "--out", str(tmp_path / "cmp")]) == 0
+    assert (tmp_path / "cmp" / "compare.html").exists()

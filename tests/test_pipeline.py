@@ -173,3 +173,17 @@ def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
     monkeypatch.setattr(E, "explain_run", lambda *a, **k: pytest.fail("explain recomputed"))
     monkeypatch.setattr(S, "similarity_run", lambda *a, **k: pytest.fail("similarity recomputed"))
     pipeline.run(full, progress=False)
+
+
+def test_reclassify_keeps_columns_of_later_stages(cfg):
+    from dataclasses import replace
+
+    from hardprobe.run import write_examples
+    out = pipeline.run(cfg, progress=False)
+    ex = hardprobe.load_run(out).examples
+    ex["prediction_depth"] = np.arange(len(ex), dtype=float)
+    write_examples(out, ex)
+    pipeline.classify(out, replace(cfg, k=3, heads=["knn"]))
+    again = hardprobe.load_run(out).examples
+    assert (again["prediction_depth"].to_numpy() == np.arange(len(ex))).all()
+    assert "pred_linear" not in again.columns  # classify's own columns are replaced

@@ -116,6 +116,21 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_a")
     s.add_argument("run_b")
     s.add_argument("--split", default="test")
+    s = sub.add_parser("depth", help="prediction depth: the layer from which kNN probes agree "
+                       "with the final prediction (Baldock et al. 2021)")
+    s.add_argument("run_dir")
+    s.add_argument("--subset", type=int, help="examples per split at most (stratified)")
+    s.add_argument("--k", type=int, help="neighbours of the layer probes (default: the run's k)")
+    s.add_argument("--token-pool", default="mean", choices=["mean", "cls"])
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=128)
+    s = sub.add_parser("compare", help="two runs on the same images side by side (HTML)")
+    s.add_argument("run_a")
+    s.add_argument("run_b")
+    s.add_argument("--out", help="folder to write (default RUN_A/compare_<B>)")
+    s.add_argument("--split", default="test")
+    s.add_argument("--quantile", type=float, default=0.1, help="share of each run called hard")
+    s.add_argument("--top", type=int, default=12, help="thumbnails per group")
     s = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained)")
     s.add_argument("run_dir")
     s.add_argument("--top", type=int, default=24)
@@ -191,6 +206,17 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .run import load_run
         from .similarity import cka_runs
         print(f"linear CKA ({ns.split}): {cka_runs(load_run(ns.run_a), load_run(ns.run_b), split=ns.split):.4f}")
+    elif ns.command == "depth":
+        from .depth import depth_run
+        from .features import resolve_device
+        out = depth_run(ns.run_dir, subset=ns.subset, k=ns.k, token_pool=ns.token_pool,
+                        device=str(resolve_device(ns.device)), batch_size=ns.batch_size)
+        print(f"wrote {out}")
+    elif ns.command == "compare":
+        from .compare import compare_runs
+        out = compare_runs(ns.run_a, ns.run_b, out=ns.out, split=ns.split, quantile=ns.quantile,
+                           top=ns.top)
+        print(f"wrote {out / 'compare.html'}")
     elif ns.command == "report":
         from .report import write_report
         print(f"wrote {write_report(ns.run_dir, top=ns.top, max_rows=ns.max_rows, out=ns.out)}")

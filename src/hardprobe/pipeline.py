@@ -155,10 +155,25 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     metrics["warnings"] = sorted({str(w.message) for w in caught})
     metrics["classify_seconds"] = round(time.perf_counter() - t0, 2)
-    write_examples(run.path, examples)
+    write_examples(run.path, _keep_other_stages(run.examples, examples))
     write_json(run.path / "metrics.json", metrics)
     _stamp(run.path, "classify", _classify_key(run, cfg))
     return metrics
+
+
+_CLASSIFY_PREFIXES = ("pred_", "prob_true_", "margin_", "entropy_", "correct_")
+_CLASSIFY_COLUMNS = {"knn_disagreement", "heads_disagree", "hardness", "label_quality",
+                     "label_issue"}
+
+
+def _keep_other_stages(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """Columns that later stages joined in (prediction_depth, flip severities...) survive a
+    re-classify; classify's own columns are replaced."""
+    theirs = [c for c in old.columns if c not in new.columns and c not in _CLASSIFY_COLUMNS
+              and not c.startswith(_CLASSIFY_PREFIXES)]
+    if not theirs:
+        return new
+    return new.merge(old[["id", *theirs]], on="id", how="left")
 
 
 def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
