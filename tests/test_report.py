@@ -217,7 +217,8 @@ def test_report_with_explain_and_similarity(run_dir):
     text = write_report(run_dir, top=6).read_text()
     page = check_self_contained(text)
     assert set(SECTION_IDS) <= page.ids
-    assert "not computed" not in text
+    assert "explain: not computed" not in text and "similarity: not computed" not in text
+    assert "perturb: not computed" in text  # the one optional stage this test leaves out
     assert text.count('alt="Grad-CAM given') == 6 and text.count('alt="Grad-CAM pred') == 6
     assert text.count("nearest train neighbours</span>") == 6
     assert text.count('alt="neighbour ') == 6 * 3

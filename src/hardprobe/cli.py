@@ -116,6 +116,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run_a")
     s.add_argument("run_b")
     s.add_argument("--split", default="test")
+    s = sub.add_parser("perturb", help="CIFAR-10-C corruptions, occlusion and blends: how much "
+                       "it takes to break each example")
+    s.add_argument("run_dir")
+    s.add_argument("--subset", type=int, default=2000, help="test examples (stratified); 0 = all")
+    s.add_argument("--corruptions", nargs="+", help="default: all 15")
+    s.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-occlusion", action="store_true")
+    s.add_argument("--no-blend", action="store_true")
+    s.add_argument("--cifar10c", help="a real CIFAR-10-C folder (<corruption>.npy, labels.npy)")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--batch-size", type=int, default=128)
     s = sub.add_parser("depth", help="prediction depth: the layer from which kNN probes agree "
                        "with the final prediction (Baldock et al. 2021)")
     s.add_argument("run_dir")
@@ -206,6 +218,15 @@ def _dispatch(ns: argparse.Namespace) -> int:
         from .run import load_run
         from .similarity import cka_runs
         print(f"linear CKA ({ns.split}): {cka_runs(load_run(ns.run_a), load_run(ns.run_b), split=ns.split):.4f}")
+    elif ns.command == "perturb":
+        from .features import resolve_device
+        from .perturb import perturb_run
+        out = perturb_run(ns.run_dir, subset=ns.subset or None, corruptions=ns.corruptions,
+                          severities=tuple(ns.severities), seed=ns.seed,
+                          occlusion=not ns.no_occlusion, blend=not ns.no_blend,
+                          cifar10c=ns.cifar10c, device=str(resolve_device(ns.device)),
+                          batch_size=ns.batch_size)
+        print(f"wrote {out}")
     elif ns.command == "depth":
         from .depth import depth_run
         from .features import resolve_device

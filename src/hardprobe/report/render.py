@@ -24,7 +24,7 @@ HEAD_ORDER = ("model", "linear", "knn")
 SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Confusion"),
             ("reliability", "Reliability"), ("hardness", "Hardness"), ("hardest", "Hardest"),
             ("pairs", "Confused pairs"), ("map", "Map"), ("per-class", "Per class"),
-            ("label-issues", "Label issues")]
+            ("label-issues", "Label issues"), ("robustness", "Robustness")]
 THUMB = sections.THUMB  # display size (px) of example thumbnails
 
 
@@ -276,8 +276,13 @@ def hardest(ctx: Context) -> str:
     return head + f'<div class="grid">{cards}</div>'
 
 
+def robustness(ctx: "Context") -> str:
+    from .perturb_section import perturb_section
+    return perturb_section(ctx.run, max_rows=ctx.max_rows)
+
+
 BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
-            sections.map_section, sections.per_class, sections.label_issues]
+            sections.map_section, sections.per_class, sections.label_issues, robustness]
 __all__ = ["write_report", "Context", "SECTIONS"]
 
 
