@@ -144,3 +144,19 @@ def test_depth_and_compare_commands(tiny_folder, tmp_path, capsys):
     assert main(["compare", str(tmp_path / "cifar_resnet20"), str(tmp_path / "cifar_resnet32"),
                  "--out", str(tmp_path / "cmp")]) == 0
     assert (tmp_path / "cmp" / "compare.html").exists()
+
+
+def test_perturb_command(tiny_folder, tmp_path):
+    train, test = tiny_folder
+    out = tmp_path / "run"
+    assert main(["run", "--model", "cifar_resnet20", "--random-init", "--data", "imagefolder",
+                 "--train", str(train), "--test", str(test), "--out", str(out), "--cache-dir",
+                 str(tmp_path / "c"), "--k", "5", "--num-workers", "0", "--no-progress",
+                 "--no-similarity", "--top", "0", "--no-report"]) == 0
+    assert main(["perturb", str(out), "--subset", "6", "--corruptions", "gaussian_noise",
+                 "--severities", "1", "3", "--no-blend", "--device", "cpu"]) == 0
+    import pandas as pd
+    acc = pd.read_csv(out / "perturb" / "accuracy.csv")
+    assert set(acc["severity"]) == {1, 3} and set(acc["corruption"]) == {"gaussian_noise"}
+    import hardprobe
+    assert hardprobe.load_run(out).examples["flip_severity"].notna().sum() == 6
