@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import atomic_write, atomic_write_text
-from .depth import primary_head, spearman
+from .depth import primary_head, rank_correlation, spearman
 from .report import plots
 from .report.template import esc, fmt, img, kv_table, messages, page, pct, table, truncation_note
 from .run import Run, load_run, read_json, write_json
@@ -102,13 +102,7 @@ def jaccard(a, b) -> float | None:
 
 
 def _kendall(a, b) -> dict:
-    from scipy.stats import kendalltau
-    a, b = np.asarray(a, float), np.asarray(b, float)
-    m = np.isfinite(a) & np.isfinite(b)
-    if m.sum() < 3 or np.ptp(a[m]) == 0 or np.ptp(b[m]) == 0:
-        return {"tau": None, "p": None, "n": int(m.sum())}
-    r = kendalltau(a[m], b[m])
-    return {"tau": float(r.statistic), "p": float(r.pvalue), "n": int(m.sum())}
+    return rank_correlation(a, b, method="kendall")
 
 
 # ------------------------------------------------------------------ stage

@@ -142,13 +142,21 @@ def stratified_subset(labels, n: int | None, *, seed: int = 0) -> np.ndarray:
 
 def spearman(a, b) -> dict:
     """Spearman's rho (scipy) over the pairs where both are finite; None when undefined."""
-    from scipy.stats import spearmanr
+    return rank_correlation(a, b, method="spearman")
+
+
+def rank_correlation(a, b, *, method: str = "spearman") -> dict:
+    """Spearman's rho or Kendall's tau (scipy) over the pairs where both are finite:
+    {"rho" | "tau": stat, "p": p-value, "n": pairs used}; None when undefined (fewer than 3
+    pairs, or a constant side)."""
+    from scipy.stats import kendalltau, spearmanr
+    fn, key = {"spearman": (spearmanr, "rho"), "kendall": (kendalltau, "tau")}[method]
     a, b = np.asarray(a, float), np.asarray(b, float)
     m = np.isfinite(a) & np.isfinite(b)
     if m.sum() < 3 or np.ptp(a[m]) == 0 or np.ptp(b[m]) == 0:
-        return {"rho": None, "p": None, "n": int(m.sum())}
-    r = spearmanr(a[m], b[m])
-    return {"rho": float(r.statistic), "p": float(r.pvalue), "n": int(m.sum())}
+        return {key: None, "p": None, "n": int(m.sum())}
+    r = fn(a[m], b[m])
+    return {key: float(r.statistic), "p": float(r.pvalue), "n": int(m.sum())}
 
 
 # ------------------------------------------------------------------ extraction
