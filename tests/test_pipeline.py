@@ -58,7 +58,7 @@ def test_scores_are_consistent_with_the_heads(cfg):
 def test_rerun_hits_the_cache(cfg, monkeypatch):
     pipeline.run(cfg, progress=False)
     import hardprobe.features as F
-    monkeypatch.setattr(F, "_fill_shards", lambda *a, **k: pytest.fail("recomputed features"))
+    monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("recomputed features"))
     pipeline.run(cfg, progress=False)
 
 

@@ -189,6 +189,9 @@ def _dispatch(ns: argparse.Namespace) -> int:
         cfg = _config_from(ns)
         stage = pipeline.run if ns.command == "run" else pipeline.extract
         out = stage(cfg, progress=not ns.no_progress)
+        from .distributed import env_context
+        if not env_context().main:  # under torchrun rank 0 reports for all
+            return 0
         print(f"wrote {out}")
         if ns.command == "run":
             _print_summary(out)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .backbones import Backbone
 from .cache import CacheEntry, atomic_write_text, default_cache_dir
 from .data import Split, SplitDataset, collate_skipping
@@ -69,8 +70,10 @@ def cpu_has_bf16_units() -> bool:
     return False
 
 
-def default_num_workers() -> int:
-    return max(0, min(8, (os.cpu_count() or 1) - 1))
+def default_num_workers(ctx: distributed.Context = distributed.SINGLE) -> int:
+    """DataLoader workers: the machine's cores, shared by the ranks running on it, less one."""
+    cores = (os.cpu_count() or 1) // max(1, ctx.local_world_size)
+    return max(0, min(8, cores - 1))
 
 
 def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits: bool,
@@ -93,12 +96,16 @@ def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits
 def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=None,
                   precision: str = "fp32", with_logits: bool = True, batch_size: int = 128,
                   num_workers: int | None = None, shard_size: int = 4096,
-                  dtype: str = "float32",
-                  progress: bool = True) -> tuple[dict[str, np.ndarray], CacheEntry]:
+                  dtype: str = "float32", progress: bool = True,
+                  ctx: distributed.Context = distributed.SINGLE
+                  ) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
     """Features of every example of `split`, from the cache when present.
 
     dtype: "float32", or "float16" to halve the disk and memory of the embeddings (the
     kNN neighbours change by about 0.05%, see docs/benchmarks.md); logits stay float32.
+    ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
+    missing shards into the same cache entry; rank 0 joins them and returns the arrays,
+    the other ranks return (None, entry).
     Returns ({"embedding": (N, D) float32 (or dtype), "logits": (N, C) float32 if with_logits,
               "ok": (N,) bool, "error": (N,) str}, entry); rows whose image could not be
     decoded have ok=False, NaN features and the reason in "error".
@@ -110,38 +117,64 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
         raise ValueError(f"feature dtype must be float32 or float16, not {dtype!r}")
     entry = CacheEntry(cache_dir or default_cache_dir(), feature_key(
         backbone, split, precision=precision, with_logits=with_logits, dtype=dtype))
-    with entry.lock():
-        if not entry.complete:
-            _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size,
-                         default_num_workers() if num_workers is None else num_workers,
-                         shard_size, progress, dtype)
+    work = dict(dev=dev, precision=precision, with_logits=with_logits, batch_size=batch_size,
+                num_workers=default_num_workers(ctx) if num_workers is None
+                else num_workers, progress=progress, dtype=dtype)
+    if ctx.broadcast(entry.digest) != entry.digest:
+        raise RuntimeError(f"rank {ctx.rank} sees other inputs for split {split.name!r} than "
+                           "rank 0 (a different image list, weights or settings): every rank "
+                           "must read the same files; check the paths are shared")
+    # Rank 0 holds the entry's lock for the whole job, so another run waits for it; it alone
+    # plans (which shards are missing) and joins, so no two ranks ever delete or join.
+    with entry.lock() if ctx.main else contextlib.nullcontext():
+        plan = None if entry.complete or not ctx.main else _plan(entry, len(split), shard_size)
+        plan = ctx.broadcast(plan)
+        if plan is not None:
+            size, n_shards, todo = plan
+            _compute(backbone, split, entry, size, ctx.my_part(todo), ctx=ctx, **work)
+            ctx.barrier()  # every rank's shards are written
+            if ctx.main:
+                entry.finalize(n_shards, meta={"n": len(split), "shard_size": size,
+                                               "computed_shards": todo,
+                                               "world_size": ctx.world_size})
+        ctx.barrier()  # the entry is complete before any rank returns
+        if not ctx.main:
+            return None, entry
         arrays = entry.load()
     check_finite(arrays, split)
     return arrays, entry
 
 
-def _fill_shards(backbone, split, entry, dev, precision, with_logits, batch_size, num_workers,
-                 shard_size, progress, dtype="float32") -> None:
-    n = len(split)
+def _plan(entry: CacheEntry, n: int, shard_size: int) -> tuple[int, int, list[int]]:
+    """(shard size, number of shards, the shards still missing) of an incomplete entry."""
     shard_size = _layout(entry, shard_size)  # a resumed entry keeps its first shard size
     n_shards = max(1, -(-n // shard_size))
     entry.drop_bad_shards(n_shards)
-    todo = [i for i in range(n_shards) if not entry.has_shard(i)]
-    done = n - sum(len(range(i * shard_size, min(n, (i + 1) * shard_size))) for i in todo)
+    return shard_size, n_shards, [i for i in range(n_shards) if not entry.has_shard(i)]
+
+
+def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with_logits,
+             batch_size, num_workers, progress, dtype, ctx=distributed.SINGLE) -> None:
+    """Forward the rows of `shards` and write each as it finishes."""
+    n = len(split)
+    ranges = [np.arange(i * shard_size, min(n, (i + 1) * shard_size)) for i in shards]
     # channels_last: the layout oneDNN and cuDNN convolutions run fastest in (1.6x measured
     # for ResNet-50 on this 2-core AVX-512 CPU); harmless for a ViT's patch embedding.
     backbone.to(dev)
     backbone.model.to(memory_format=torch.channels_last)
-    bar = tqdm(total=n, initial=done, unit="img", disable=not progress,
-               desc=f"{backbone.name} {split.name}")
-    for i in todo:
-        idx = np.arange(i * shard_size, min(n, (i + 1) * shard_size))
+    if ctx.active:  # one bar (rank 0's share); interleaved bars from every rank are unreadable
+        total, done, desc = sum(map(len, ranges)), 0, f"{backbone.name} {split.name} " \
+                                                       f"({ctx.describe()})"
+    else:
+        total, done, desc = n, n - sum(map(len, ranges)), f"{backbone.name} {split.name}"
+    bar = tqdm(total=total, initial=done, unit="img", disable=not progress or not ctx.main,
+               desc=desc)
+    for i, idx in zip(shards, ranges):
         arrays = _forward_indices(backbone, split, idx, dev, precision, batch_size,
                                   num_workers, with_logits, bar)
         arrays["embedding"] = arrays["embedding"].astype(dtype, copy=False)
         entry.write_shard(i, index=idx, **arrays)
     bar.close()
-    entry.finalize(n_shards, meta={"n": n, "shard_size": shard_size})
 
 
 def _layout(entry: CacheEntry, shard_size: int) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import __version__, scores
+from . import __version__, distributed, scores
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, build_config, load_config, save_config
 from .cache import atomic_write_text, key_digest
@@ -32,23 +32,29 @@ FIT_SPLIT = "train"
 def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
     """Features and logits of every split, cached, linked into cfg.out."""
     t0 = time.perf_counter()
+    ctx, device = distributed.init(cfg.device)  # under torchrun: this rank and its device
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if ctx.main:
+        save_config(cfg, out / "config.yaml")
     # The model first: an unknown name or missing weights fail before a long folder scan.
-    backbone = create_backbone(cfg.model, weights=cfg.weights, weights_tag=cfg.weights_tag,
-                               random_init=cfg.random_init, image_size=cfg.image_size,
-                               trust_weights=cfg.trust_weights)
-    dataset = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train, test=cfg.test,
-                           download=cfg.download)
+    # Rank 0 downloads weights and data before the other ranks look for them.
+    with distributed.main_first(ctx):
+        backbone = create_backbone(cfg.model, weights=cfg.weights, weights_tag=cfg.weights_tag,
+                                   random_init=cfg.random_init, image_size=cfg.image_size,
+                                   trust_weights=cfg.trust_weights)
+        dataset = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train,
+                               test=cfg.test, download=cfg.download)
     use_head = model_head_applies(backbone, dataset.class_names, cfg.use_model_head)
     entries, frames, skipped = {}, [], []
     for name, split in dataset.splits.items():
-        arrays, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=cfg.device,
+        arrays, entry = extract_split(backbone, split, cache_dir=cfg.cache_dir, device=device,
                                       precision=cfg.precision, with_logits=use_head,
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
-                                      progress=progress)
+                                      progress=progress, ctx=ctx)
+        if not ctx.main:  # rank 0 alone writes the run directory
+            continue
         ok = arrays["ok"]
         bad = split.examples[~ok].assign(error=arrays["error"][~ok])
         if len(bad) and cfg.strict:
@@ -59,6 +65,9 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         frames.append(split.examples[ok])
         _write_split_features(out, name, entry, arrays, ok)
         entries[name] = {"cache_entry": str(entry.dir), "key": entry.key, "skipped": int(len(bad))}
+    distributed.shutdown()  # the later stages run on rank 0 alone
+    if not ctx.main:
+        return out
     examples = pd.concat(frames, ignore_index=True)[EXAMPLE_COLUMNS]
     if not _same_examples(out, examples):  # a rerun on the same images keeps the scores
         write_examples(out, examples)
@@ -305,6 +314,8 @@ def _notes(probs: dict) -> list[str]:
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     """All stages of the probe pipeline into cfg.out."""
     out = extract(cfg, progress=progress)
+    if not distributed.env_context().main:  # under torchrun, rank 0 goes on alone
+        return out
     classify_if_changed(out, cfg)
     splits = load_run(out).splits
     base = _stamps(out)["classify"]
