@@ -107,8 +107,12 @@ def test_doctor_reports_what_it_finds(tmp_path, monkeypatch, capsys):
     assert env["packages"]["torch"] and env["cache"]["path"] == str(tmp_path / "cache")
     assert env["weights_on_disk"]["cifar_resnet20"] == str(hub / "resnet20-12fca82f.th")
     assert env["weights_on_disk"]["cifar_resnet56"] is None
+    import torch.distributed as dist
+    assert env["distributed"]["gloo"] == dist.is_gloo_available()
     assert main(["doctor"]) == 0
-    assert "-- not found" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "-- not found" in text
+    assert f"gloo {'yes' if dist.is_gloo_available() else 'no'}" in text
 
 
 def test_stage_commands(tiny_folder, tmp_path, capsys):

@@ -30,6 +30,11 @@ def environment() -> dict:
                   "bf16": torch.cuda.is_bf16_supported()} for i in range(torch.cuda.device_count())],
         "mps": bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()),
         "auto_device": str(resolve_device("auto")),
+        "distributed": {"available": torch.distributed.is_available(),
+                        "gloo": torch.distributed.is_available()
+                        and torch.distributed.is_gloo_available(),
+                        "nccl": torch.distributed.is_available()
+                        and torch.distributed.is_nccl_available()},
         "cache": _cache(default_cache_dir()),
         "weights_on_disk": published_weights_on_disk(),
         "hf_cache": os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME")
@@ -62,6 +67,10 @@ def report(env: dict) -> str:
     if not env["cuda"]:
         lines.append("cuda: none")
     lines.append(f"mps: {'yes' if env['mps'] else 'no'}; --device auto -> {env['auto_device']}")
+    d = env["distributed"]
+    lines.append("torchrun: " + (f"gloo {'yes' if d['gloo'] else 'no'}, nccl "
+                                 f"{'yes' if d['nccl'] else 'no'}" if d["available"]
+                                 else "no torch.distributed in this build"))
     c = env["cache"]
     lines.append(f"feature cache: {c['path']} ({c['entries']} entries, {c['bytes'] / 2**20:.1f} MiB)")
     lines.append("published weights on disk (else downloaded on first use, or pass --weights):")
