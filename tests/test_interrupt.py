@@ -1,10 +1,11 @@
-"""Interruptions: kill -9 during extraction, concurrent writers. Nothing lost, nothing wrong."""
+"""Interruptions: kill -9 during extraction, explain and perturb; concurrent writers. Nothing lost."""
 import os
 import random
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,57 @@ def test_kill_9_during_explain_then_rerun_is_identical(tmp_path, tiny_folder):
     assert set(again) == set(ref)
     for k in ref:
         np.testing.assert_array_equal(again[k], ref[k])
+
+
+def test_kill_9_during_perturb_then_rerun_is_identical(tmp_path, tiny_folder):
+    """Each corruption x severity forward is a cache entry written atomically: a killed perturb
+    run keeps the finished ones, and the rerun computes only the rest and gives the results of
+    an uninterrupted run."""
+    import json
+    import shutil
+
+    import pandas as pd
+    from hardprobe import pipeline
+    from hardprobe.config import build_config
+    from hardprobe.perturb import perturb_run
+    train, test = tiny_folder
+    cache = tmp_path / "c"
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                       train=str(train), test=str(test), out=str(tmp_path / "run"),
+                       cache_dir=str(cache), k=5, num_workers=0, similarity=False, top=0,
+                       report=False)
+    run = pipeline.run(cfg, progress=False)
+    names = ["gaussian_noise", "defocus_blur", "contrast"]  # 3 x 5 severities = 15 entries
+    ref = Path(shutil.copytree(run, tmp_path / "ref"))
+    perturb_run(ref, subset=None, corruptions=names, occlusion=False, blend=False,
+                batch_size=1, num_workers=0, cache_dir=tmp_path / "ref_cache", progress=False)
+
+    def entries():
+        return len(list(cache.glob("features/*/manifest.json")))
+
+    n_extract = entries()
+    cmd = [sys.executable, "-m", "hardprobe", "perturb", str(run), "--subset", "0",
+           "--corruptions", *names, "--no-occlusion", "--no-blend", "--batch-size", "1",
+           "--device", "cpu"]
+    kills = 0
+    for target in sorted(random.Random(2).sample(range(1, 14), 3)):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and entries() - n_extract < target:
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "perturb finished before it could be killed"
+    done_before = entries() - n_extract
+    assert 0 < done_before < 15
+    subprocess.run(cmd, check=True, capture_output=True)
+    summary = json.loads((run / "perturb" / "summary.json").read_text())
+    assert summary["cache"] == {"computed": 15 - done_before, "cached": done_before}
+    for name in ("examples.parquet",):
+        pd.testing.assert_frame_equal(pd.read_parquet(run / "perturb" / name),
+                                      pd.read_parquet(ref / "perturb" / name))
+    pd.testing.assert_frame_equal(pd.read_csv(run / "perturb" / "accuracy.csv"),
+                                  pd.read_csv(ref / "perturb" / "accuracy.csv"))
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "examples.parquet"),
+                                  pd.read_parquet(ref / "examples.parquet"))
