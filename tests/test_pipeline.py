@@ -187,3 +187,29 @@ def test_reclassify_keeps_columns_of_later_stages(cfg):
     again = hardprobe.load_run(out).examples
     assert (again["prediction_depth"].to_numpy() == np.arange(len(ex))).all()
     assert "pred_linear" not in again.columns  # classify's own columns are replaced
+
+
+def test_single_class_train_and_empty_test_are_named_before_extraction(tmp_path, monkeypatch):
+    import shutil
+    import hardprobe.features as F
+    from hardprobe.data import DataError
+    from conftest import make_folder
+    monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("extracted before the check"))
+    train = make_folder(tmp_path / "train", 4, 0)
+    for d in train.iterdir():
+        if d.name != "cat":
+            shutil.rmtree(d)
+    test = make_folder(tmp_path / "test", 2, 1)
+    for d in test.iterdir():
+        if d.name != "cat":
+            shutil.rmtree(d)
+    kw = dict(model="cifar_resnet20", random_init=True, data="imagefolder",
+              cache_dir=str(tmp_path / "c"), num_workers=0)
+    cfg = build_config(**kw, train=str(train), test=str(test), out=str(tmp_path / "r"))
+    with pytest.raises(ValueError, match="only class 'cat'.*at least 2 classes"):
+        pipeline.run(cfg, progress=False)
+    (tmp_path / "empty").mkdir()
+    cfg = build_config(**kw, train=str(make_folder(tmp_path / "t2", 2, 0)),
+                       test=str(tmp_path / "empty"), out=str(tmp_path / "r2"))
+    with pytest.raises(DataError, match="empty has no class folders"):
+        pipeline.run(cfg, progress=False)

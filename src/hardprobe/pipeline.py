@@ -45,6 +45,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                    trust_weights=cfg.trust_weights)
         dataset = load_dataset(cfg.data, data_root=cfg.data_root, train=cfg.train,
                                test=cfg.test, download=cfg.download)
+    if FIT_SPLIT in dataset.splits:  # fail before the long extraction, not after it
+        check_fit_classes(dataset.splits[FIT_SPLIT].examples["label"], dataset.class_names)
     use_head = model_head_applies(backbone, dataset.class_names, cfg.use_model_head)
     entries, frames, skipped = {}, [], []
     for name, split in dataset.splits.items():
@@ -157,6 +159,7 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
     n_classes = len(run.class_names)
     if FIT_SPLIT not in run.splits:
         raise ValueError(f"{run.path} has no {FIT_SPLIT!r} split to fit the heads on")
+    check_fit_classes(run.split_examples(FIT_SPLIT)["label"], run.class_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         examples, metrics = _classify(run, cfg, n_classes)
@@ -183,6 +186,16 @@ def _keep_other_stages(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     if not theirs:
         return new
     return new.merge(old[["id", *theirs]], on="id", how="left")
+
+
+def check_fit_classes(labels: pd.Series, class_names: list[str]) -> None:
+    """The heads are classifiers: the train split needs examples of at least two classes."""
+    present = sorted(set(int(v) for v in labels))
+    if len(present) < 2:
+        which = f"only class {class_names[present[0]]!r}" if present else "no examples"
+        raise ValueError(f"the {FIT_SPLIT} split has {which}: the heads need examples of at "
+                         f"least 2 classes. Point --train at a folder with one sub-folder per "
+                         f"class (<root>/<class>/<image>)")
 
 
 def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
