@@ -358,3 +358,51 @@ def test_summary_counts_skipped_images(tmp_path):
         out = pipeline.run(cfg, progress=False)
     html = write_report(out).read_text()
     assert "<b>1</b> undecodable" in html
+
+
+# ---------------------------------------------------------------- fine-tuning section
+def add_finetune(run_dir: Path) -> None:
+    """RUN_DIR/finetune/ from the real stage (a quick head fine-tune), with 3 planted flips."""
+    from hardprobe.finetune import finetune_run
+    ex = pd.read_parquet(run_dir / "examples.parquet")
+    ex["planted_noise"] = False
+    ex.loc[ex.index[ex["split"] == "train"][:3], "planted_noise"] = True
+    ex.to_parquet(run_dir / "examples.parquet", index=False)
+    finetune_run(run_dir, mode="head", epochs=3, batch_size=8, num_workers=0, progress=False)
+
+
+def test_report_finetune_section(run_dir):
+    text = write_report(run_dir, top=4).read_text()
+    assert 'id="finetune"' not in text and 'href="#finetune"' not in text  # only when run
+    add_finetune(run_dir)
+    text = write_report(run_dir, top=4).read_text()
+    page = check_self_contained(text)
+    assert "finetune" in page.ids and 'href="#finetune"' in text
+    ft = text[text.index('id="finetune"'):]
+    for part in ("Accuracy before and after", 'alt="dataset cartography"', 'alt="AUM histogram"',
+                 "Frozen-feature against training-dynamics hardness", "Planted label flips",
+                 "Hardest by training dynamics", "in-sample"):
+        assert part in ft, part
+    assert "<script" not in ft.lower() and "&lt;script&gt;alert(1)" in ft  # class names escaped
+    assert ft.count("<tr>") >= 4 + 4  # accuracy table rows, hardest rows (top=4)
+    decoded_images(page)
+    # an interrupted fine-tune (no summary.json) is named, not fatal
+    (run_dir / "finetune" / "summary.json").unlink()
+    text = write_report(run_dir, top=4).read_text()
+    assert "the fine-tune did not finish" in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
+                    "chromium); CI installs it")
+def test_finetune_section_loads_in_headless_chromium(run_dir, tmp_path):
+    add_finetune(run_dir)
+    path = write_report(run_dir, top=4)
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'p'}",
+            "--enable-logging=stderr", "--v=0"]
+    dom = subprocess.run(base + ["--dump-dom", path.resolve().as_uri()], capture_output=True,
+                         text=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert 'id="finetune"' in dom.stdout and 'alt="dataset cartography"' in dom.stdout
+    assert not console_errors(dom.stderr), console_errors(dom.stderr)

@@ -3,7 +3,8 @@
 Every picture is an embedded base64 PNG, the CSS is inline, there is no script and no
 request to anything outside the file, so the page can be mailed or archived as it is.
 The optional stages (RUN_DIR/explain/, RUN_DIR/similarity/) are shown when present and
-named, with the command that makes them, when absent. At any run size the page stays
+named, with the command that makes them, when absent; the fine-tuning section only appears
+when RUN_DIR/finetune/ exists. At any run size the page stays
 bounded: grids show the top N, tables at most `max_rows` rows with a "showing N of M" note.
 """
 from __future__ import annotations
@@ -24,7 +25,9 @@ HEAD_ORDER = ("model", "linear", "knn")
 SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Confusion"),
             ("reliability", "Reliability"), ("hardness", "Hardness"), ("hardest", "Hardest"),
             ("pairs", "Confused pairs"), ("map", "Map"), ("per-class", "Per class"),
-            ("label-issues", "Label issues"), ("robustness", "Robustness")]
+            ("label-issues", "Label issues"), ("robustness", "Robustness"),
+            ("finetune", "Fine-tuning")]
+OPTIONAL = {"finetune": "finetune"}  # section id -> the run folder it needs to be shown at all
 THUMB = sections.THUMB  # display size (px) of example thumbnails
 
 
@@ -37,14 +40,17 @@ def write_report(run_dir, *, top: int = 24, max_rows: int = 200, out=None) -> Pa
     if top < 0 or max_rows < 1:
         raise ValueError(f"top must be >= 0 and max_rows >= 1, got top={top}, max_rows={max_rows}")
     ctx = Context(load_run(run_dir), top=top, max_rows=max_rows)
+    shown = [(s, b) for s, b in zip(SECTIONS, BUILDERS)
+             if s[0] not in OPTIONAL or (ctx.run.path / OPTIONAL[s[0]]).is_dir()]
     # the summary last: it lists the problems met while building the other sections
-    parts = {sid: build(ctx) for (sid, _), build in reversed(list(zip(SECTIONS, BUILDERS)))}
+    parts = {sid: build(ctx) for (sid, _), build in reversed(shown)}
+    nav = [s for s, _ in shown]
     body = "\n".join(f'<section id="{sid}"><h2>{esc(title)}</h2>\n{parts[sid]}</section>'
-                     for sid, title in SECTIONS)
+                     for sid, title in nav)
     prov = ctx.prov
     title = (f"hardprobe report — {prov.get('backbone', {}).get('name', '?')} on "
              f"{prov.get('dataset', {}).get('name', '?')}")
-    html = page(title, f"run {ctx.run.path} · created {prov.get('created', '?')}", SECTIONS, body)
+    html = page(title, f"run {ctx.run.path} · created {prov.get('created', '?')}", nav, body)
     path = Path(out) if out is not None else ctx.run.path / "report.html"
     if path.is_dir():
         path = path / "report.html"
@@ -281,8 +287,14 @@ def robustness(ctx: "Context") -> str:
     return perturb_section(ctx.run, max_rows=ctx.max_rows)
 
 
+def finetune(ctx: "Context") -> str:
+    from .finetune_section import finetune_section
+    return finetune_section(ctx)
+
+
 BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
-            sections.map_section, sections.per_class, sections.label_issues, robustness]
+            sections.map_section, sections.per_class, sections.label_issues, robustness,
+            finetune]
 __all__ = ["write_report", "Context", "SECTIONS"]
 
 
