@@ -213,3 +213,28 @@ def test_single_class_train_and_empty_test_are_named_before_extraction(tmp_path,
                        test=str(tmp_path / "empty"), out=str(tmp_path / "r2"))
     with pytest.raises(DataError, match="empty has no class folders"):
         pipeline.run(cfg, progress=False)
+
+
+def test_planted_label_noise_is_a_known_answer(cfg):
+    import dataclasses
+    from hardprobe.data import plant_label_noise
+    noisy = dataclasses.replace(cfg, label_noise=0.25, seed=3)
+    out = pipeline.run(noisy, progress=False)
+    ex = hardprobe.load_run(out).examples
+    train = ex[ex["split"] == "train"]
+    assert train["planted_noise"].sum() == round(0.25 * len(train))
+    assert not ex.loc[ex["split"] == "test", "planted_noise"].any()
+    flipped = train[train["planted_noise"]]
+    assert (flipped["label"] != flipped["clean_label"]).all()
+    kept = ex[~ex["planted_noise"]]
+    assert (kept["label"] == kept["clean_label"]).all()
+    names = hardprobe.load_run(out).class_names
+    assert (ex["label_name"] == [names[v] for v in ex["label"]]).all()
+    m = json.loads((out / "metrics.json").read_text())["planted_noise"]
+    assert m["planted"] == train["planted_noise"].sum() and m["n"] == len(train)
+    assert m["caught"] == (train["planted_noise"] & train["label_issue"]).sum()
+    # the same seed plants the same flips; a rerun keeps the table and its scores
+    again = plant_label_noise(ex[["id", "split", "path", "clean_label", "label_name"]]
+                              .rename(columns={"clean_label": "label"}), 0.25, names, seed=3)
+    assert (again["label"].to_numpy() == ex["label"].to_numpy()).all()
+    assert not pipeline.classify_if_changed(out, noisy)

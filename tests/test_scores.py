@@ -354,3 +354,21 @@ def test_module_imports_are_light():
     top = {a.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for a in node.names}
     top |= {node.module.split(".")[0] for node in tree.body if isinstance(node, ast.ImportFrom) and node.module}
     assert not top & {"torch", "torchvision", "timm", "cleanlab"}
+
+
+def test_detection_counts_by_hand():
+    truth = np.array([1, 1, 0, 0, 0, 1, 0, 0], bool)
+    flagged = np.array([1, 0, 1, 0, 0, 1, 0, 0], bool)
+    score = np.array([.9, .2, .8, .1, .0, .7, .3, .4])
+    d = S.detection(truth, flagged, score)
+    assert (d["planted"], d["flagged"], d["caught"]) == (3, 3, 2)
+    assert d["recall"] == pytest.approx(2 / 3) and d["precision"] == pytest.approx(2 / 3)
+    assert d["base_rate"] == pytest.approx(3 / 8)
+    # top 3 by score: .9 (t), .8 (f), .7 (t) -> 2/3. AUC over 3 x 5 pairs: .9 beats all 5
+    # negatives, .7 beats 4 (not .8), .2 beats 2 (.1, .0) -> 11/15
+    assert d["precision_at_planted"] == pytest.approx(2 / 3)
+    assert d["auroc"] == pytest.approx(11 / 15)
+    nothing = S.detection(np.zeros(4, bool), np.zeros(4, bool), np.zeros(4))
+    assert nothing["recall"] is None and nothing["precision"] is None and nothing["auroc"] is None
+    with pytest.raises(ValueError, match="one length"):
+        S.detection(truth, flagged[:3])

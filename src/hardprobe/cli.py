@@ -43,6 +43,8 @@ HELP = {
     "folds": "folds of the out-of-fold linear-probe probabilities on train",
     "issue_head": "head whose out-of-sample probabilities find label issues",
     "seed": "random seed",
+    "label_noise": "flip this share of the train labels (with --seed) to measure how well label "
+                   "issues are found; the originals are kept in clean_label",
     "top": "hardest examples explained (Grad-CAM), given neighbours and shown in the report; "
            "0 skips explain",
     "cam_method": "Grad-CAM method: gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, "

@@ -52,6 +52,7 @@ class RunConfig:
     folds: int = 5
     issue_head: str = "linear"  # head whose out-of-sample probabilities feed label_issue
     seed: int = 0
+    label_noise: float = 0.0  # share of train labels flipped (seed) to measure issue finding
     # explain / similarity / report (parts of `hardprobe run`; 0 / false skips a stage)
     top: int = 24  # hardest examples explained, given neighbours and shown in the report
     cam_method: str = "gradcam"
@@ -122,6 +123,9 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"feature_dtype must be float32 or float16, not {cfg.feature_dtype!r}")
     if cfg.map_method not in ("tsne", "pca"):
         raise ConfigError(f"map_method must be tsne or pca, not {cfg.map_method!r}")
+    if not 0.0 <= cfg.label_noise < 1.0:
+        raise ConfigError(f"label_noise is a share of the train labels in [0, 1), not "
+                          f"{cfg.label_noise}")
     if cfg.top < 0:
         raise ConfigError("top must be >= 0 (0 skips explain)")
     if cfg.knn_weights not in ("exp", "uniform"):

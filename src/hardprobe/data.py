@@ -261,3 +261,28 @@ def load_dataset(kind: str, *, data_root: str | None = None, train: str | None =
             raise DataError("--data imagefolder needs --train DIR (and usually --test DIR)")
         return load_imagefolder(train, test)
     raise DataError(f"unknown dataset kind {kind!r}; use 'cifar10' or 'imagefolder'")
+
+
+def plant_label_noise(examples: pd.DataFrame, share: float, class_names: list[str], *,
+                      seed: int = 0, split: str = "train") -> pd.DataFrame:
+    """Flip `share` of `split`'s labels to another class, uniformly at random (fixed seed):
+    a known answer for label-issue finders. Adds `clean_label` (the label read from disk) and
+    `planted_noise` (True where flipped); `label` and `label_name` become the given, noisy
+    label that every stage then uses. share=0 returns the table unchanged."""
+    if share <= 0:
+        return examples
+    n_classes = len(class_names)
+    if n_classes < 2:
+        raise DataError("label noise needs at least 2 classes to flip between")
+    out = examples.copy()
+    rows = np.flatnonzero(out["split"].to_numpy() == split)
+    rng = np.random.default_rng([int(seed), 0x6E6F6973])  # own stream: not the heads' seed
+    flip = rng.choice(rows, size=int(round(share * len(rows))), replace=False)
+    clean = out["label"].to_numpy(np.int64)
+    noisy = clean.copy()
+    noisy[flip] = (clean[flip] + rng.integers(1, n_classes, size=len(flip))) % n_classes
+    out["clean_label"] = clean
+    out["planted_noise"] = noisy != clean
+    out["label"] = noisy
+    out["label_name"] = [class_names[v] for v in noisy]
+    return out

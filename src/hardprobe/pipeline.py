@@ -19,7 +19,7 @@ from . import __version__, distributed, scores
 from .backbones import Backbone, create_backbone
 from .config import RunConfig, build_config, load_config, save_config
 from .cache import atomic_write_text, key_digest
-from .data import EXAMPLE_COLUMNS, DataError, ImageSet, load_dataset
+from .data import EXAMPLE_COLUMNS, DataError, ImageSet, load_dataset, plant_label_noise
 from .features import extract_split, resolve_device
 from .heads import KNNClassifier, LinearProbe, cross_val_predict_proba
 from .run import (Run, feature_path, link_or_copy, load_run, read_json, save_array,
@@ -71,6 +71,7 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
     if not ctx.main:
         return out
     examples = pd.concat(frames, ignore_index=True)[EXAMPLE_COLUMNS]
+    examples = plant_label_noise(examples, cfg.label_noise, dataset.class_names, seed=cfg.seed)
     if not _same_examples(out, examples):  # a rerun on the same images keeps the scores
         write_examples(out, examples)
     skipped = pd.concat(skipped, ignore_index=True)[EXAMPLE_COLUMNS + ["error"]]
@@ -98,12 +99,14 @@ def _same_examples(out: Path, examples: pd.DataFrame) -> bool:
     path = out / "examples.parquet"
     if not path.exists():
         return False
-    old = pd.read_parquet(path, columns=EXAMPLE_COLUMNS)
-    return old.equals(examples.reset_index(drop=True))
+    old = pd.read_parquet(path)
+    cols = list(examples.columns)
+    return set(cols) <= set(old.columns) and old[cols].equals(examples.reset_index(drop=True))
 
 
 # ------------------------------------------------------------------ stage stamps
-HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head", "seed")
+HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head", "seed",
+             "label_noise")
 
 
 def _classify_key(run: Run, cfg: RunConfig) -> str:
@@ -225,7 +228,13 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, d
                 p, labels, run.class_names)
     metrics["label_issue_head"] = _issue_head(cfg, probs)
     metrics["notes"] = _notes(probs)
-    return pd.concat(frames, ignore_index=True), metrics
+    out = pd.concat(frames, ignore_index=True)
+    if "planted_noise" in run.examples:
+        fit = out[out["split"] == FIT_SPLIT]
+        planted = run.examples.set_index("id").loc[fit["id"], "planted_noise"].to_numpy(bool)
+        metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
+                                                    -fit["label_quality"].to_numpy(float))
+    return out, metrics
 
 
 def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):

@@ -341,3 +341,41 @@ def expected_calibration_error(probs, labels, *, n_bins: int = 15) -> float:
     full = t["count"] > 0
     gap = (t["accuracy"][full] - t["confidence"][full]).abs()
     return float((t["count"][full] / t["count"].sum() * gap).sum())
+
+
+def detection(truth, flagged, score=None) -> dict:
+    """How well a finder of bad examples (label issues, AUM flags...) finds known ones.
+
+    truth: (N,) bool, the planted answer. flagged: (N,) bool, the finder's verdict. score:
+    (N,) float, optional, higher = more suspect (e.g. -label_quality); gives the ROC AUC and
+    the precision among the top n_planted by score, so finders that flag different numbers of
+    examples can be compared at the same count. A finder that guesses has precision equal to
+    base_rate and AUC 0.5.
+    """
+    t = np.asarray(truth, dtype=bool)
+    f = np.asarray(flagged, dtype=bool)
+    if t.ndim != 1 or f.shape != t.shape:
+        raise ValueError(f"truth and flagged must be (N,) of one length, got {t.shape}, {f.shape}")
+    out = _detection(t, f)
+    if score is not None:
+        s = np.asarray(score, dtype=np.float64)
+        if s.shape != t.shape or not np.isfinite(s).all():
+            raise ValueError("score must be a finite (N,) array, as long as truth")
+        out.update(_ranking(t, s))
+    return out
+
+
+def _detection(t: np.ndarray, f: np.ndarray) -> dict:
+    caught = int((t & f).sum())
+    return {"n": int(len(t)), "planted": int(t.sum()), "flagged": int(f.sum()), "caught": caught,
+            "recall": caught / t.sum() if t.any() else None,
+            "precision": caught / f.sum() if f.any() else None,
+            "base_rate": float(t.mean()) if len(t) else None}
+
+
+def _ranking(t: np.ndarray, s: np.ndarray) -> dict:
+    from sklearn.metrics import roc_auc_score
+    n = int(t.sum())
+    top = np.argsort(-s, kind="stable")[:n]
+    return {"auroc": float(roc_auc_score(t, s)) if 0 < n < len(t) else None,
+            "precision_at_planted": float(t[top].mean()) if n else None}
