@@ -234,3 +234,243 @@ def test_faiss_backend_equals_our_exact_search():
 def test_block_budget_is_bounded():
     from hardprobe.heads.knn import block_budget
     assert 64 * 2**20 <= block_budget() <= 2**30
+
+
+# -- FAISS backend: flat (exact), IVF, memory-mapped input --------------------------------
+
+def _clustered(seed, n=600, n_query=80, dim=24, n_centers=12):
+    """Unit-scale gaussian clusters: IVF lists mean something, neighbours are not all ties."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(n_centers, dim)) * 2
+    X = (centers[rng.integers(0, n_centers, n)] + rng.normal(size=(n, dim))).astype(np.float32)
+    Q = (centers[rng.integers(0, n_centers, n_query)]
+         + rng.normal(size=(n_query, dim))).astype(np.float32)
+    return X, rng.integers(0, 4, n), Q
+
+
+def _recall(idx, ref):
+    """Share of the exact neighbours found, order ignored."""
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(idx, ref)]))
+
+
+def _assert_same_search(a, b, Q, atol=1e-5):
+    """Same neighbour ids and (up to float32 rounding) similarities and probabilities, for
+    queries Q and for the training set with each example left out."""
+    for X, loo in ((Q, False), (None, True)):
+        pa, sa, ia = a.predict_proba_and_neighbors(X, exclude_self=loo)
+        pb, sb, ib = b.predict_proba_and_neighbors(X, exclude_self=loo)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_allclose(sa, sb, rtol=0, atol=atol)
+        np.testing.assert_allclose(pa, pb, rtol=0, atol=atol)
+        np.testing.assert_array_equal(a.neighbor_labels(X, exclude_self=loo),
+                                      b.neighbor_labels(X, exclude_self=loo))
+
+
+@pytest.mark.parametrize("weights", ["exp", "uniform"])
+def test_faiss_flat_equals_torch_exact_including_leave_one_out(weights):
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(0)
+    torch_knn = KNNClassifier(k=9, weights=weights).fit(X, y)
+    faiss_knn = KNNClassifier(k=9, weights=weights, backend="faiss").fit(X, y)
+    _assert_same_search(torch_knn, faiss_knn, Q)
+    assert faiss_knn.index_.ntotal == len(X) and faiss_knn.nlist_ is None
+    _, idx = faiss_knn.kneighbors(exclude_self=True)
+    assert not (idx == np.arange(len(X))[:, None]).any()
+
+
+def _save(tmp_path, X, name="train.npy"):
+    np.save(tmp_path / name, X)
+    return np.load(tmp_path / name, mmap_mode="r")
+
+
+@pytest.mark.parametrize("index", ["flat", "ivf"])
+def test_memmap_fit_is_identical_to_in_memory_fit(tmp_path, monkeypatch, index):
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(1)
+    X[3] = 0  # a zero row stays zero (similarity 0), as in the torch backend
+    X_map, Q_map = _save(tmp_path, X), _save(tmp_path, Q, "query.npy")
+    assert isinstance(X_map, np.memmap) and not X_map.flags.writeable
+    kw = dict(k=7, backend="faiss", index=index, nlist=10, nprobe=3, chunk_size=64)
+    in_ram = KNNClassifier(**kw).fit(X, y)
+    expected = [in_ram.predict_proba_and_neighbors(X_q, exclude_self=X_q is None)
+                for X_q in (Q, None)]
+    # memory-mapped, read 64 rows at a time: record every chunk that is converted to float32
+    seen, real = [], np.array
+
+    def spy(obj, *args, **kwargs):
+        if isinstance(obj, np.memmap):
+            seen.append(len(obj))
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(np, "array", spy)
+    mapped = KNNClassifier(**kw).fit(X_map, y)
+    assert len(seen) >= len(X) // 64 and max(seen) <= 64  # never a full float32 copy
+    seen.clear()
+    for X_q, want in zip((Q_map, None), expected):
+        got = mapped.predict_proba_and_neighbors(X_q, exclude_self=X_q is None)
+        for a, b in zip(want, got):
+            np.testing.assert_array_equal(a, b)  # bit for bit
+    assert len(seen) >= (len(Q) + len(X)) // 64 and max(seen) <= 64  # queries chunked too
+    monkeypatch.undo()
+    if index == "flat":  # the index holds exactly the torch backend's normalised rows
+        np.testing.assert_array_equal(mapped.index_.reconstruct_n(0, len(X)),
+                                      KNNClassifier(k=7).fit(X, y)._train.numpy())
+
+
+def test_faiss_chunks_from_memory_budget(monkeypatch, tmp_path):
+    pytest.importorskip("faiss")
+    from hardprobe.heads.knn import stream_rows
+    X, y, Q = _clustered(2, n=300, dim=16)
+    ref = KNNClassifier(k=5, backend="faiss").fit(X, y).kneighbors(Q)
+    # block_budget() / 16 bytes of float32 rows per chunk: 1,600 bytes -> 25 rows of 16
+    monkeypatch.setattr("hardprobe.heads.knn.block_budget", lambda: 16 * 25 * 16 * 4)
+    assert stream_rows(16) == 25
+    knn = KNNClassifier(k=5, backend="faiss").fit(_save(tmp_path, X), y)
+    searched, real_search = [], knn.index_.search
+    monkeypatch.setattr(knn.index_, "search",
+                        lambda q, k: searched.append(len(q)) or real_search(q, k), raising=False)
+    sims, idx = knn.kneighbors(Q)
+    assert searched == [25, 25, 25, 5]  # 80 queries
+    np.testing.assert_array_equal(idx, ref[1])  # chunking changes rounding only
+    np.testing.assert_allclose(sims, ref[0], rtol=0, atol=1e-6)
+
+
+def test_ivf_probing_every_list_equals_exact():
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(3)
+    exact = KNNClassifier(k=10).fit(X, y)
+    ivf = KNNClassifier(k=10, backend="faiss", index="ivf", nlist=16, nprobe=16).fit(X, y)
+    assert ivf.nlist_ == 16 and ivf.index_.ntotal == len(X)
+    _assert_same_search(exact, ivf, Q)
+    ivf.set_params(nprobe=100)  # more than nlist: every list, the same
+    np.testing.assert_array_equal(ivf.kneighbors(Q)[1], exact.kneighbors(Q)[1])
+    # float16 storage: the same neighbours up to near-ties, similarities to fp16 rounding
+    fp16 = KNNClassifier(k=10, backend="faiss", index="ivf_fp16", nlist=16, nprobe=16).fit(X, y)
+    s_ref, i_ref = exact.kneighbors(Q)
+    s16, i16 = fp16.kneighbors(Q)
+    assert _recall(i16, i_ref) >= 0.98
+    np.testing.assert_allclose(s16, s_ref, rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("index", ["ivf", "ivf_fp16"])
+def test_ivf_recall_is_measured_monotone_and_reproducible(index):
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(4, n=2000, dim=32, n_centers=40)
+    k, nlist = 20, 32
+    _, exact = KNNClassifier(k=k).fit(X, y).kneighbors(Q)
+    recalls = []
+    for nprobe in (1, 2, 4, nlist):
+        kw = dict(k=k, backend="faiss", index=index, nlist=nlist, nprobe=nprobe, seed=3)
+        a = KNNClassifier(**kw).fit(X, y)
+        b = KNNClassifier(**kw).fit(X, y)  # same seed: same quantizer, same answers
+        sa, ia = a.kneighbors(Q)
+        sb, ib = b.kneighbors(Q)
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(sa, sb)
+        np.testing.assert_array_equal(a.predict_proba(exclude_self=True),
+                                      b.predict_proba(exclude_self=True))
+        assert (ia >= 0).all() and all(len(set(row)) == k for row in ia)  # k real neighbours
+        recalls.append(_recall(ia, exact))
+    assert all(0 < r <= 1 for r in recalls)
+    assert recalls == sorted(recalls)  # probing more lists never loses a true neighbour
+    assert recalls[0] < recalls[-1]  # nprobe=1 is approximate on this data ...
+    if index == "ivf":
+        assert recalls[-1] == 1  # ... and probing every list is exact
+
+
+def test_ivf_short_lists_are_widened_to_k_neighbours():
+    # 60 rows in 12 lists (about 5 each), k=15: one probed list cannot hold 15 neighbours;
+    # FAISS would pad with id -1, the classifier probes more lists until it has 15.
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(5, n=60, n_query=30, dim=8, n_centers=12)
+    knn = KNNClassifier(k=15, backend="faiss", index="ivf", nlist=12, nprobe=1).fit(X, y)
+    for X_q, loo in ((Q, False), (None, True)):
+        sims, idx = knn.kneighbors(X_q, exclude_self=loo)
+        assert (idx >= 0).all() and all(len(set(row)) == 15 for row in idx)
+        assert (np.diff(sims, axis=1) <= 1e-6).all()  # most similar first
+        p = knn.predict_proba(X_q, exclude_self=loo)
+        np.testing.assert_allclose(p.sum(1), 1, atol=1e-6)
+    assert not (knn.kneighbors(exclude_self=True)[1] == np.arange(60)[:, None]).any()
+
+
+def test_default_nlist_and_training_sample_follow_n():
+    pytest.importorskip("faiss")
+    from hardprobe.heads.knn import _nlist
+    assert _nlist(None, 50_000) == int(4 * math.sqrt(50_000))  # 894: FAISS's 4 sqrt(N)
+    assert _nlist(None, 1000) == 1000 // 39  # small N: at least 39 training rows per list
+    assert _nlist(None, 10) == 1 and _nlist(None, 10**12) == 65536
+    X, y, _ = _clustered(6, n=1200, dim=8)
+    knn = KNNClassifier(k=3, backend="faiss", index="ivf").fit(X, y)
+    assert knn.nlist_ == 1200 // 39 and knn.index_.nlist == knn.nlist_
+    assert knn._training_sample(X).shape == (min(1200, 40 * knn.nlist_), 8)
+
+
+def test_faiss_errors(tmp_path, monkeypatch):
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(7, n=50, dim=6)
+    with pytest.raises(ValueError, match="nlist=51 is larger than the 50 training examples"):
+        KNNClassifier(backend="faiss", index="ivf", nlist=51, k=3).fit(X, y)
+    with pytest.raises(ValueError, match="nprobe must be a positive integer"):
+        KNNClassifier(backend="faiss", index="ivf", nprobe=0).fit(X, y)
+    with pytest.raises(ValueError, match="nlist must be None or a positive integer"):
+        KNNClassifier(backend="faiss", index="ivf", nlist=0).fit(X, y)
+    with pytest.raises(ValueError, match="index must be one of"):
+        KNNClassifier(backend="faiss", index="hnsw").fit(X, y)
+    with pytest.raises(ValueError, match="index='ivf' needs backend='faiss'"):
+        KNNClassifier(index="ivf").fit(X, y)
+    # NaN/Inf in a memory-mapped train set or in queries: the same message as in memory,
+    # counted over the whole array although it is read chunk by chunk
+    bad = X.copy()
+    bad[2, 0], bad[45, 3], bad[45, 4] = np.nan, np.inf, -np.inf
+    for index in ("flat", "ivf"):
+        with pytest.raises(ValueError, match=r"3 NaN/Inf values in 2 rows; first rows: \[2, 45\]"):
+            KNNClassifier(k=3, backend="faiss", index=index, nlist=4,
+                          chunk_size=8).fit(_save(tmp_path, bad), y)
+    knn = KNNClassifier(k=3, backend="faiss", chunk_size=8).fit(X, y)
+    with pytest.raises(ValueError, match=r"NaN/Inf.*first rows: \[2, 45\]"):
+        knn.predict(bad)
+    with pytest.raises(ValueError, match="X has 3 features, but the classifier was fitted with 6"):
+        knn.predict(Q[:, :3])
+    with pytest.raises(ValueError, match="exclude_self=True needs X=None"):
+        knn.predict(Q, exclude_self=True)
+    with pytest.raises(ValueError, match="k=50 is larger than the 49 .*exclude_self"):
+        KNNClassifier(k=50, backend="faiss").fit(X, y).predict(exclude_self=True)
+    assert knn.predict_proba(np.empty((0, 6), np.float32)).shape == (0, 4)
+    # FAISS missing: the error names the package to install
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)
+    with pytest.raises(ImportError, match=r"pip install faiss-cpu .*hardprobe\[faiss\]"):
+        KNNClassifier(backend="faiss", index="ivf").fit(X, y)
+
+
+def test_faiss_gpu_when_available_else_cpu_with_a_warning(monkeypatch):
+    faiss = pytest.importorskip("faiss")
+    X, y, Q = _clustered(8, n=200, dim=8)
+    ref = KNNClassifier(k=5, backend="faiss").fit(X, y).kneighbors(Q)
+    if not hasattr(faiss, "StandardGpuResources"):  # faiss-cpu: cuda asked, CPU used, said so
+        with pytest.warns(UserWarning, match="no GPU support .* searching on the CPU"):
+            knn = KNNClassifier(k=5, backend="faiss", device="cuda").fit(X, y)
+        np.testing.assert_array_equal(knn.kneighbors(Q)[1], ref[1])
+    # With GPU support the index moves to the device named by `device` (a stand-in here:
+    # the CPU index itself, so the wiring is checked on any machine).
+    moved = []
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: "resources", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 2)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu",
+                        lambda res, dev, index: moved.append((res, dev)) or index, raising=False)
+    knn = KNNClassifier(k=5, backend="faiss", device="cuda:1").fit(X, y)
+    assert moved == [("resources", 1)]
+    np.testing.assert_array_equal(knn.kneighbors(Q)[1], ref[1])
+    KNNClassifier(k=5, backend="faiss", device="cpu").fit(X, y)
+    assert len(moved) == 1  # device cpu: never on the GPU
+
+
+def test_faiss_clone_and_refit_on_another_backend():
+    pytest.importorskip("faiss")
+    X, y, Q = _clustered(9, n=100, dim=8)
+    knn = clone(KNNClassifier(k=4, backend="faiss", index="ivf", nlist=5, nprobe=2, seed=1))
+    assert knn.get_params()["index"] == "ivf" and knn.get_params()["nprobe"] == 2
+    knn.fit(X, y)
+    knn.set_params(backend="torch", index="flat").fit(X, y)
+    assert knn.index_ is None and knn.nlist_ is None
+    np.testing.assert_array_equal(knn.kneighbors(Q)[1],
+                                  KNNClassifier(k=4).fit(X, y).kneighbors(Q)[1])

@@ -5,11 +5,19 @@ Each query's k most similar training examples vote for their label with weight
 exp(sim / T) ("exp", as in DINO) or 1 ("uniform", as sklearn's KNeighborsClassifier);
 class probabilities are the per-class vote sums divided by the total vote.
 
-The input validation helpers at the bottom are shared with `linear.py`.
+Two search backends: "torch" (exact, chunked matmul + top-k on a normalised copy held in
+memory) and "faiss" (an index built chunk by chunk from the training array, which may be a
+read-only memory map: exact IndexFlatIP, or IVF for speed at a measured recall; see
+KNNClassifier). The input validation helpers at the bottom are shared with `linear.py`.
 """
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
 import os
+import sys
+import warnings
 
 import numpy as np
 import torch
@@ -18,25 +26,56 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 _WEIGHTS = ("exp", "uniform")
+_INDEXES = ("flat", "ivf", "ivf_fp16")
+_NLIST_CAP = 65536  # default nlist = 4 sqrt(N), at most this and at most N / 39 (see _nlist)
+_TRAIN_PER_LIST = 40  # IVF quantizer training sample: 40 rows per list (faiss warns below 39)
 
 
 class KNNClassifier(ClassifierMixin, BaseEstimator):
     """Cosine-similarity kNN with exp(sim / temperature) or uniform votes.
 
     k: neighbours per query. temperature: T in exp(sim / T); smaller T lets the closest
-    neighbours dominate (only used with weights="exp"). chunk_size: queries per similarity
-    matmul; None derives it from the memory available (block_budget(): an eighth of it,
-    64 MB to 1 GB, for the (chunk, n_train) block). backend: "torch" or "faiss" (exact
-    IndexFlatIP; needs faiss-cpu). precision: "bf16" searches candidates in bf16 and
-    re-ranks k + rerank of them exactly in fp32.
+    neighbours dominate (only used with weights="exp"). precision: "bf16" searches candidates
+    in bf16 and re-ranks k + rerank of them exactly in fp32 (torch backend only).
     device: torch device for the search ("cpu", "cuda", ...). Outputs are always numpy.
 
+    backend="torch": fit keeps an L2-normalised float32 copy of X on `device`; the search is a
+    chunked matmul + top-k. chunk_size: queries per matmul; None derives it from the memory
+    available (block_budget(): an eighth of it, 64 MB to 1 GB, for the (chunk, n_train) block).
+
+    backend="faiss" (needs `pip install faiss-cpu`, or the hardprobe[faiss] extra; faiss-gpu
+    is used when it is installed, sees a GPU and device is cuda): fit reads X chunk_size rows
+    at a time (None: stream_rows(), 4 to 64 MB of float32 rows), normalises each chunk and
+    adds it to a FAISS index; X may be a np.memmap or np.load(..., mmap_mode="r") array and
+    no full float32 copy of it is ever made. Queries are read the same way, and X=None
+    re-reads the training array given to fit (kept by reference, not copied). index:
+      "flat"      IndexFlatIP, exact: same neighbours as the torch backend. Holds N x D float32.
+      "ivf"       IndexIVFFlat: nlist k-means lists (None: 4 sqrt(N), at most N / 39 and
+                  65536); a query scans the nprobe lists nearest to it. Same storage as flat
+                  plus the centroids; nprobe >= nlist is exact.
+      "ivf_fp16"  IVF storing float16 residuals (IndexIVFScalarQuantizer QT_fp16): half the
+                  memory of "ivf"; similarities exact to ~1e-3.
+    The IVF quantizer is trained (spherical k-means, faiss's 10 iterations) on
+    min(N, 40 nlist) rows drawn with `seed` (also k-means' seed), at most block_budget()
+    bytes of them, so refits with the same seed give the same index. A query whose nprobe
+    lists hold fewer than k (+1 when leaving itself out) rows is searched again with nprobe
+    doubled until it has k neighbours, so every row of the output is filled.
+    Peak memory beyond the index: two float32 chunks (the one being added or searched and the
+    next being read), the IVF training sample while training, and the (N_q, k) outputs. A
+    read-only memory map's pages are released from this process after each chunk is read
+    (the OS keeps them in its page cache), so they do not accumulate in the resident set.
+    FAISS runs on its own OpenMP threads (faiss.omp_set_num_threads, apart from torch's); in
+    our check k-means centroids and neighbours were identical on 1 and 2 threads, but BLAS
+    may round differently on other thread counts or machines, which can reorder near-ties.
+
     Fitted attributes: n_classes_, classes_ (0..n_classes_-1), n_features_in_,
-    n_samples_fit_, y_fit_ (N_train,) int64.
+    n_samples_fit_, y_fit_ (N_train,) int64; with backend="faiss" also index_ (the FAISS
+    index; not picklable, refit instead) and nlist_ (None for "flat").
     """
 
     def __init__(self, *, k=20, temperature=0.07, weights="exp", chunk_size=None, device="cpu",
-                 precision="fp32", rerank=32, backend="torch"):
+                 precision="fp32", rerank=32, backend="torch", index="flat", nlist=None,
+                 nprobe=16, seed=0):
         self.k = k
         self.temperature = temperature
         self.weights = weights
@@ -44,19 +83,32 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
         self.precision = precision  # "bf16": candidate search in bf16, exact fp32 re-rank
         self.rerank = rerank  # extra bf16 candidates re-scored exactly per query
-        self.backend = backend  # "torch" (chunked matmul) or "faiss" (IndexFlatIP, exact)
+        self.backend = backend  # "torch" (chunked matmul) or "faiss" (an index, see `index`)
+        self.index = index  # faiss: "flat" (exact) | "ivf" | "ivf_fp16"
+        self.nlist = nlist  # IVF lists; None: 4 sqrt(N), capped
+        self.nprobe = nprobe  # IVF lists scanned per query
+        self.seed = seed  # IVF: training sample and k-means seed
 
     def fit(self, X, y, n_classes=None):
-        """Store L2-normalised training features. n_classes: number of classes; None means
-        max(y) + 1. Give it explicitly so a class absent from y still gets a (zero) column."""
+        """Store L2-normalised training features (backend="torch") or add them to a FAISS
+        index chunk by chunk (backend="faiss"; X may be memory-mapped). n_classes: number of
+        classes; None means max(y) + 1. Give it explicitly so a class absent from y still gets
+        a (zero) column."""
         self._check_params()
-        X = _check_features(X, "X")
+        faiss_backend = self.backend == "faiss"
+        # faiss: shape and dtype now; finiteness chunk by chunk while the index is built
+        X = _check_shape(X, "X") if faiss_backend else _check_features(X, "X")
         y = _check_labels(y, len(X))
         self.n_classes_ = _resolve_n_classes(y, n_classes)
         self.classes_ = np.arange(self.n_classes_)
         self.n_features_in_ = X.shape[1]
         self.n_samples_fit_ = len(X)
         self.y_fit_ = y
+        self._train = self.index_ = self.nlist_ = self._fit_X = None  # drop a previous fit's data
+        if faiss_backend:
+            self._fit_faiss(X)
+            self._labels = torch.from_numpy(y)  # votes are counted on the CPU
+            return self
         # Kept on the search device so repeated queries pay no transfer.
         self._train = _normalise(X, self.device)  # (N_train, D) float32, unit rows
         self._labels = torch.from_numpy(y).to(self.device)  # (N_train,) int64
@@ -98,7 +150,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     # -- internals -------------------------------------------------------------------
 
     def _check_params(self):
-        if not (isinstance(self.k, (int, np.integer)) and self.k >= 1):
+        if not (_is_int(self.k) and self.k >= 1):
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
         if self.weights not in _WEIGHTS:
             raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
@@ -110,6 +162,16 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"backend must be torch or faiss, got {self.backend!r}")
         if self.chunk_size is not None and not self.chunk_size >= 1:
             raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size!r}")
+        if self.index not in _INDEXES:
+            raise ValueError(f"index must be one of {_INDEXES}, got {self.index!r}")
+        if self.index != "flat" and self.backend != "faiss":
+            raise ValueError(f"index={self.index!r} needs backend='faiss' (the torch backend "
+                             "is exact, as index='flat')")
+        if self.nlist is not None and not (_is_int(self.nlist) and self.nlist >= 1):
+            raise ValueError(f"nlist must be None or a positive integer, got {self.nlist!r}")
+        if not (_is_int(self.nprobe) and self.nprobe >= 1):
+            raise ValueError(f"nprobe must be a positive integer (IVF lists scanned per query), "
+                             f"got {self.nprobe!r}")
 
     def _vote_weights(self, sims):
         if self.weights == "uniform":
@@ -119,16 +181,19 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         return torch.exp((sims - sims[:, :1]) / self.temperature)  # sims sorted, col 0 = max
 
     def _search(self, X, exclude_self):
-        """Top-k (sims, indices) as torch tensors on self.device."""
+        """Top-k (sims, indices) as torch tensors on self.device (on the CPU for faiss)."""
         check_is_fitted(self, "n_samples_fit_")
-        queries, self_rows = self._queries(X, exclude_self)
+        if self.backend == "faiss":
+            source = self._faiss_queries(X, exclude_self)
+        else:
+            queries, self_rows = self._queries(X, exclude_self)
         n_avail = self.n_samples_fit_ - (1 if exclude_self else 0)
         if self.k > n_avail:
             raise ValueError(
                 f"k={self.k} is larger than the {n_avail} training examples available"
                 + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
         if self.backend == "faiss":
-            return self._search_faiss(queries, self_rows)
+            return self._search_faiss(source, exclude_self)
         # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
         per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
                      2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
@@ -147,24 +212,107 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             return empty, empty.long()
         return torch.cat(sims), torch.cat(idx)
 
-    def _search_faiss(self, queries, self_rows):
-        """Exact inner-product search with FAISS (IndexFlatIP on the unit rows = cosine)."""
-        try:
-            import faiss
-        except ImportError as e:
-            raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu "
-                              "(or faiss-gpu)") from e
-        index = faiss.IndexFlatIP(self.n_features_in_)
-        index.add(self._train.cpu().numpy())
-        k = self.k + (1 if self_rows else 0)
-        sims, idx = index.search(queries.cpu().numpy(), k)  # (N, k) descending
-        if self_rows:  # drop each query's own row; if a tie pushed it out, drop the last
+    # -- faiss backend -----------------------------------------------------------------
+
+    def _stream_rows(self):
+        return int(self.chunk_size or stream_rows(self.n_features_in_))
+
+    def _fit_faiss(self, X):
+        """Build self.index_ from X, read self._stream_rows() rows at a time."""
+        faiss = _import_faiss()
+        n, d = X.shape
+        self.nlist_ = None if self.index == "flat" else _nlist(self.nlist, n)
+        if self.nlist_ is None:
+            index = faiss.IndexFlatIP(d)  # inner product of unit rows = cosine
+        else:
+            storage = "Flat" if self.index == "ivf" else "SQfp16"
+            index = faiss.index_factory(d, f"IVF{self.nlist_},{storage}",
+                                        faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = self.seed  # k-means' own sampling and initialisation
+        index = self._faiss_on_device(faiss, index)
+        if not index.is_trained:
+            index.train(self._training_sample(X))
+        elif hasattr(index, "codes"):  # CPU flat: reserve the storage once, so adding chunk by
+            index.codes.resize(n * index.code_size)  # chunk never reallocates it (a vector
+            index.codes.resize(0)  # that doubles holds two copies while it copies)
+        for _, chunk in _normalised_chunks(X, self._stream_rows(), "X"):
+            index.add(chunk)
+        self.index_ = index
+        self._fit_X = X  # X=None queries read it again (a reference: no copy)
+
+    def _training_sample(self, X):
+        """(m, D) float32 unit rows drawn without replacement with self.seed, in file order:
+        m = min(N, 40 nlist), at most block_budget() bytes (but at least nlist rows)."""
+        n, d = X.shape
+        m = min(n, _TRAIN_PER_LIST * self.nlist_,
+                max(self.nlist_, block_budget() // (4 * d)))
+        rows = np.sort(np.random.default_rng(self.seed).choice(n, m, replace=False))
+        sample = np.empty((m, d), np.float32)
+        step = self._stream_rows()
+        for a in range(0, m, step):
+            r = rows[a:a + step]
+            sample[a:a + len(r)] = X[r]
+            _release_pages(X[r[0]:r[-1] + 1])
+        if not np.isfinite(sample).all():
+            _check_finite(X, "X", step)  # raises, counting over all of X
+        return _normalise_inplace(sample)
+
+    def _faiss_on_device(self, faiss, index):
+        """The index on the GPU when device is cuda and this FAISS has GPU support, else as is."""
+        device = torch.device(self.device)
+        if device.type != "cuda":
+            return index
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+            warnings.warn(f"device={self.device!r}, but this FAISS has no GPU support or sees "
+                          "no GPU: searching on the CPU (pip install faiss-gpu for GPU search)",
+                          stacklevel=4)
+            return index
+        self._gpu_resources = faiss.StandardGpuResources()  # must outlive the index
+        return faiss.index_cpu_to_gpu(self._gpu_resources, device.index or 0, index)
+
+    def _faiss_queries(self, X, exclude_self):
+        """The array to read queries from: the training array itself for X=None."""
+        if X is None:
+            return self._fit_X
+        if exclude_self:
+            raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
+        X = _check_shape(X, "X", allow_empty=True)  # finiteness: chunk by chunk
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} features, but the classifier was fitted "
+                             f"with {self.n_features_in_}")
+        return X
+
+    def _search_faiss(self, source, exclude_self):
+        """Search the index with the rows of `source`, read chunk by chunk; with exclude_self
+        (source is the training array) each query's own row is dropped from its list."""
+        k = self.k + (1 if exclude_self else 0)
+        sims = np.empty((len(source), k), np.float32)
+        idx = np.empty((len(source), k), np.int64)
+        for start, chunk in _normalised_chunks(source, self._stream_rows(), "X"):
+            sims[start:start + len(chunk)], idx[start:start + len(chunk)] = (
+                self._faiss_search_chunk(chunk, k))
+        if exclude_self:  # drop each query's own row; if a tie pushed it out, drop the last
             own = idx == np.arange(len(idx))[:, None]
             own[~own.any(1), -1] = True
             keep = ~own
             sims, idx = sims[keep].reshape(len(idx), -1), idx[keep].reshape(len(idx), -1)
-        dev = self._train.device
-        return torch.from_numpy(sims).to(dev), torch.from_numpy(idx).to(dev)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+
+    def _faiss_search_chunk(self, chunk, k):
+        """(sims, ids) of one chunk. IVF: a query whose nprobe lists hold fewer than k rows
+        (FAISS pads with id -1) is searched again with nprobe doubled until it has k."""
+        index = self.index_
+        if self.nlist_ is None:
+            return index.search(chunk, k)
+        nprobe = min(int(self.nprobe), self.nlist_)
+        index.nprobe = nprobe
+        sims, ids = index.search(chunk, k)
+        short = (ids < 0).any(1)
+        while short.any() and nprobe < self.nlist_:  # nprobe = nlist scans every row
+            nprobe = index.nprobe = min(2 * nprobe, self.nlist_)
+            sims[short], ids[short] = index.search(np.ascontiguousarray(chunk[short]), k)
+            short = (ids < 0).any(1)
+        return sims, ids
 
     def _topk_exact(self, q, start, self_rows):
         block = q @ self._train.T  # (chunk, N_train) cosine, fp32
@@ -207,28 +355,122 @@ def block_budget() -> int:
     return int(min(max(avail // 8, 64 * 2**20), 2**30))
 
 
+def stream_rows(n_features: int) -> int:
+    """Rows per chunk when features are streamed (faiss backend, finiteness checks):
+    block_budget() / 16, i.e. 4 to 64 MB, of float32 rows. Bigger chunks are no faster:
+    FAISS blocks its own work, and the chunk only has to amortise per-call overhead."""
+    return max(1, block_budget() // 16 // (4 * max(1, n_features)))
+
+
+def _nlist(nlist, n):
+    """IVF list count: nlist, or 4 sqrt(n) (FAISS's guideline), at most n / 39 (FAISS wants 39
+    training rows per list) and _NLIST_CAP; at least 1."""
+    if nlist is None:
+        return max(1, min(int(4 * math.sqrt(n)), n // 39, _NLIST_CAP))
+    if nlist > n:
+        raise ValueError(f"nlist={nlist} is larger than the {n} training examples: every IVF "
+                         "list needs at least one (lower nlist, or use index='flat')")
+    return int(nlist)
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu (or faiss-gpu, "
+                          "or hardprobe's extra: pip install 'hardprobe[faiss]')") from e
+    return faiss
+
+
 def _normalise(X, device):
     # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
     return F.normalize(torch.as_tensor(X, dtype=torch.float32, device=device), dim=1)
+
+
+def _normalise_inplace(buf):
+    """Unit rows of a float32 C-contiguous numpy array, in place; the same values as
+    _normalise (one row never depends on the others)."""
+    t = torch.from_numpy(buf)
+    F.normalize(t, dim=1, out=t)
+    return buf
+
+
+def _normalised_chunks(X, rows, name):
+    """Yield (start, (n, D) float32 unit rows of X[start:start + n]), reading `rows` rows at
+    a time (a fresh float32 copy per chunk). A non-finite value raises the ValueError of
+    _check_finite, counted over all of X."""
+    for start in range(0, len(X), rows):
+        part = X[start:start + rows]
+        buf = np.array(part, dtype=np.float32, order="C")  # the chunk is read here
+        _release_pages(part)
+        if not np.isfinite(buf).all():
+            _check_finite(X, name, rows)
+        yield start, _normalise_inplace(buf)
+
+
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
+_libc = None
+
+
+def _release_pages(part):
+    """Drop the pages of `part`, a slice of a read-only np.memmap, from this process's
+    resident set (madvise MADV_DONTNEED: the file's pages stay in the OS page cache and a
+    later access maps them again). Reading a large memmap chunk by chunk then keeps one chunk
+    resident, not the whole file. A no-op for anything else, and off Linux."""
+    global _libc
+    if (_MADV_DONTNEED is None or not sys.platform.startswith("linux")
+            or not isinstance(part, np.memmap) or part.mode != "r"  # "r": shared, read-only
+            or not part.flags.c_contiguous or part.nbytes == 0):
+        return
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    start = part.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
+    _libc.madvise(start, part.ctypes.data + part.nbytes - start, _MADV_DONTNEED)  # best effort
+
+
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 # -- input validation shared by the heads ------------------------------------------------
 
 def _check_features(X, name="X", *, allow_empty=False):
     """Float (N, D) array with only finite values; raises ValueError otherwise."""
-    X = np.asarray(X)
+    X = _check_shape(np.asarray(X), name, allow_empty=allow_empty)  # a memmap: a plain view
+    _check_finite(X, name)
+    return X
+
+
+def _check_shape(X, name="X", *, allow_empty=False):
+    """X as a numpy (N, D) array of numbers, without reading its values (a np.memmap stays
+    one)."""
+    X = X if isinstance(X, np.ndarray) else np.asarray(X)
     if X.ndim != 2:
         raise ValueError(f"{name} must be a 2-D (N, D) feature array, got shape {X.shape}")
     if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
         raise ValueError(f"{name} must hold numbers, got dtype {X.dtype}")
     if len(X) == 0 and not allow_empty:
         raise ValueError(f"{name} is empty (0 rows)")
-    bad = ~np.isfinite(X)
-    if bad.any():
-        rows = np.flatnonzero(bad.any(1))
-        raise ValueError(f"{name} contains {int(bad.sum())} NaN/Inf values in {len(rows)} rows; "
-                         f"first rows: {rows[:10].tolist()}")
     return X
+
+
+def _check_finite(X, name="X", rows=None):
+    """Raise ValueError naming the count and first rows of NaN/Inf values; X is read `rows`
+    rows at a time (None: stream_rows()), so a memory map is never read whole."""
+    rows = rows or stream_rows(X.shape[1])
+    n_bad, bad_rows = 0, []
+    for start in range(0, len(X), rows):
+        part = X[start:start + rows]
+        bad = ~np.isfinite(part)
+        _release_pages(part)
+        if bad.any():
+            n_bad += int(bad.sum())
+            bad_rows.append(start + np.flatnonzero(bad.any(1)))
+    if n_bad:
+        bad_rows = np.concatenate(bad_rows)
+        raise ValueError(f"{name} contains {n_bad} NaN/Inf values in {len(bad_rows)} rows; "
+                         f"first rows: {bad_rows[:10].tolist()}")
 
 
 def _check_labels(y, n_rows):
