@@ -275,10 +275,26 @@ def test_columns_joined_nan_outside_subset(image_run, tmp_path):
     (dict(optimizer="adam"), "optimizer must be one of"),
     (dict(mode="all", head_init="model"), "head_init='model'"),
     (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(keep_checkpoints=0), "keep_checkpoints"),
 ])
 def test_bad_options(image_run, kwargs, match):
     with pytest.raises(ValueError, match=match):
         finetune_run(image_run, **{**FAST, **kwargs})
+
+
+def test_streamed_images_equal_in_memory(image_run, tmp_path, monkeypatch):
+    """Images too large for memory are decoded every epoch: same batches, same result."""
+    from hardprobe import finetune_images
+    kw = dict(mode="last", aum_runs=0, **{**FAST, "epochs": 2})
+    a = finetune_run(copy_run(image_run, tmp_path / "a"), **kw)
+    monkeypatch.setattr(finetune_images, "MEMORY_BUDGET", 0)
+    streams, orig = [], finetune_images.ImageSource._stream
+    monkeypatch.setattr(finetune_images.ImageSource, "_stream",
+                        lambda self, order: streams.append(len(order)) or orig(self, order))
+    b = finetune_run(copy_run(image_run, tmp_path / "b"), **kw)
+    assert len(streams) == 2 + 1 + 1  # two training epochs, train and test predictions
+    pd.testing.assert_frame_equal(pd.read_parquet(a / "per_example.parquet"),
+                                  pd.read_parquet(b / "per_example.parquet"), check_exact=True)
 
 
 # ---------------------------------------------------------------- depth and augmentation

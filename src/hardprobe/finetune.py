@@ -98,6 +98,9 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
                 precision=resolve_precision(precision, dev), seed=seed)
     table = run.split_examples(TRAIN) if TRAIN in run.splits else None
     _check(opts, table, len(run.class_names))
+    if int(keep_checkpoints) < 1:
+        raise ValueError(f"keep_checkpoints must be >= 1 (the last one is what resume reads), "
+                         f"got {keep_checkpoints}")
     say = (lambda m: print(f"[finetune] {m}", file=sys.stderr)) if progress else (lambda m: None)
     n_classes = len(run.class_names)
     sub = stratified_subset(table["label"], subset, seed=seed)

@@ -5,7 +5,8 @@ training forward pass, and checkpoints that make an interrupted run resume exact
 Determinism: the data order and every augmentation draw of epoch e come from generators
 seeded with (seed, job, e), and the global torch RNG (dropout) is reseeded the same way at
 the start of each epoch, so epoch e is the same whether the run got there in one go or resumed
-from the checkpoint of epoch e - 1 (on the CPU; num_workers does not change the order).
+from the checkpoint of epoch e - 1 (on the CPU, with the same number of torch threads: the
+thread count changes the order of float reductions; num_workers does not change the order).
 
 A checkpoint `epoch_NNNN.pt` (NNNN = epochs done) holds the model, optimizer and scheduler
 states, the torch RNG state, the per-epoch history and the dynamics recorded so far. It is
