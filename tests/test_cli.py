@@ -164,3 +164,24 @@ def test_perturb_command(tiny_folder, tmp_path):
     assert set(acc["severity"]) == {1, 3} and set(acc["corruption"]) == {"gaussian_noise"}
     import hardprobe
     assert hardprobe.load_run(out).examples["flip_severity"].notna().sum() == 6
+
+
+def test_finetune_command(tiny_folder, tmp_path, capsys):
+    import json
+    import hardprobe
+    train, test = tiny_folder
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--model", "cifar_resnet20", "--random-init", "--data",
+                 "imagefolder", "--train", str(train), "--test", str(test), "--cache-dir",
+                 str(tmp_path / "c"), "--k", "5", "--num-workers", "0", "--no-progress",
+                 "--no-similarity", "--top", "0", "--no-report", "--label-noise", "0.2"]) == 0
+    assert main(["finetune", str(out), "--mode", "mlp", "--epochs", "3", "--batch-size", "8",
+                 "--device", "cpu", "--num-workers", "0", "--no-progress"]) == 0
+    assert f"wrote {out / 'finetune'}" in capsys.readouterr().out
+    s = json.loads((out / "finetune" / "summary.json").read_text())
+    assert s["planted_noise"]["planted"] > 0
+    ex = hardprobe.load_run(out).examples
+    assert ex.loc[ex["split"] == "train", "ft_aum"].notna().all()
+    assert {"planted_noise", "label_issue", "hardness"} <= set(ex.columns)  # kept
+    assert main(["finetune", str(out), "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err

@@ -130,6 +130,42 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--cifar10c", help="a real CIFAR-10-C folder (<corruption>.npy, labels.npy)")
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, default=128)
+    s = sub.add_parser("finetune", help="fine-tune a head or the backbone on the train split and "
+                       "record training dynamics (cartography, AUM, forgetting)")
+    s.add_argument("run_dir")
+    s.add_argument("--mode", default="all", choices=["head", "mlp", "last", "all"],
+                   help="head: softmax regression on the cached features; mlp: MLP with dropout "
+                   "on them; last: the backbone's last stage + classifier; all: every layer")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--batch-size", type=int, default=128)
+    s.add_argument("--lr", type=float, help="peak learning rate (default 0.01 sgd, 1e-3 adamw)")
+    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    s.add_argument("--weight-decay", type=float, default=5e-4)
+    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
+    s.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="linear warm-up, then cosine decay to 0")
+    s.add_argument("--label-smoothing", type=float, default=0.0)
+    s.add_argument("--hidden", type=int, nargs="+", default=[512],
+                   help="hidden widths (--mode mlp)")
+    s.add_argument("--dropout", type=float, default=0.5, help="dropout (--mode mlp)")
+    s.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="no random crop / flip (image modes)")
+    s.add_argument("--head-init", default="auto", choices=["auto", "new", "model"],
+                   help="model: keep the backbone's own classifier; new: a fresh linear layer; "
+                   "auto: model when the run used the model's head")
+    s.add_argument("--subset", type=int, help="train on this many train examples (stratified)")
+    s.add_argument("--folds", type=int, default=0, help="K >= 2: K more fine-tunes give "
+                   "out-of-fold train predictions; 0: in-sample (flagged as such)")
+    s.add_argument("--aum-runs", type=int, default=2, choices=[0, 1, 2], help="runs with AUM "
+                   "threshold samples (2: every example gets a verdict; 0: no AUM flags)")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
+    s.add_argument("--device", default="auto")
+    s.add_argument("--num-workers", type=int, help="image decoding workers (default: the run's)")
+    s.add_argument("--seed", type=int, help="default: the run's seed")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from the last checkpoints (same options); else start over")
+    s.add_argument("--keep-checkpoints", type=int, default=2)
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
     s = sub.add_parser("depth", help="prediction depth: the layer from which kNN probes agree "
                        "with the final prediction (Baldock et al. 2021)")
     s.add_argument("run_dir")
@@ -231,6 +267,18 @@ def _dispatch(ns: argparse.Namespace) -> int:
                           occlusion=not ns.no_occlusion, blend=not ns.no_blend,
                           cifar10c=ns.cifar10c, device=str(resolve_device(ns.device)),
                           batch_size=ns.batch_size)
+        print(f"wrote {out}")
+    elif ns.command == "finetune":
+        from .finetune import finetune_run
+        out = finetune_run(ns.run_dir, mode=ns.mode, epochs=ns.epochs, batch_size=ns.batch_size,
+                           lr=ns.lr, optimizer=ns.optimizer, weight_decay=ns.weight_decay,
+                           momentum=ns.momentum, warmup_epochs=ns.warmup_epochs,
+                           label_smoothing=ns.label_smoothing, hidden=tuple(ns.hidden),
+                           dropout=ns.dropout, augment=ns.augment, head_init=ns.head_init,
+                           subset=ns.subset, folds=ns.folds, aum_runs=ns.aum_runs,
+                           precision=ns.precision, device=ns.device, num_workers=ns.num_workers,
+                           seed=ns.seed, resume=ns.resume, keep_checkpoints=ns.keep_checkpoints,
+                           progress=not ns.no_progress)
         print(f"wrote {out}")
     elif ns.command == "depth":
         from .depth import depth_run

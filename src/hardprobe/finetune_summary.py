@@ -13,6 +13,7 @@ import pandas as pd
 
 from . import dynamics
 from .depth import rank_correlation
+from .scores import detection
 
 
 def summarize(run, opts: dict, per_ex: pd.DataFrame, train: pd.DataFrame, jobs: dict,
@@ -105,12 +106,6 @@ def _comparison(tr: pd.DataFrame, te: pd.DataFrame) -> dict:
     return out
 
 
-def _pr(flag: np.ndarray, truth: np.ndarray) -> dict:
-    k, tp = int(flag.sum()), int((flag & truth).sum())
-    return {"flagged": k, "caught": tp, "recall": tp / truth.sum() if truth.sum() else None,
-            "precision": tp / k if k else None}
-
-
 def _lowest(score: np.ndarray, k: int) -> np.ndarray:
     """The k lowest scores (ties by position) as a mask."""
     m = np.zeros(len(score), bool)
@@ -129,19 +124,19 @@ def planted_noise_catch(tr: pd.DataFrame) -> dict | None:
     if not len(v):
         return None
     truth = v["planted_noise"].fillna(False).astype(bool).to_numpy()
+    aum = v["ft_aum"].to_numpy(float)
     aum_flag = v["ft_aum_flag"].astype(bool).to_numpy()
     out = {"n": int(len(v)), "planted": int(truth.sum()), "base_rate": float(truth.mean()),
-           "aum": _pr(aum_flag, truth)}
+           "aum": detection(truth, aum_flag, -aum)}  # score: higher = more suspect
     if "label_issue" in v:
         li = v["label_issue"].fillna(False).astype(bool).to_numpy()
-        out["label_issue"] = _pr(li, truth)
+        quality = v["label_quality"].to_numpy(float) if "label_quality" in v else None
+        out["label_issue"] = detection(truth, li, None if quality is None else -quality)
         k_aum, k_li = int(aum_flag.sum()), int(li.sum())
-        matched = {"at_aum_count": {"k": k_aum, "aum": _pr(aum_flag, truth)},
-                   "at_label_issue_count": {"k": k_li, "label_issue": _pr(li, truth),
-                                            "aum": _pr(_lowest(v["ft_aum"].to_numpy(float),
-                                                               k_li), truth)}}
-        if "label_quality" in v:
-            matched["at_aum_count"]["label_quality"] = _pr(
-                _lowest(v["label_quality"].to_numpy(float), k_aum), truth)
+        matched = {"at_aum_count": {"k": k_aum, "aum": out["aum"]},
+                   "at_label_issue_count": {"k": k_li, "label_issue": out["label_issue"],
+                                            "aum": detection(truth, _lowest(aum, k_li))}}
+        if quality is not None:
+            matched["at_aum_count"]["label_quality"] = detection(truth, _lowest(quality, k_aum))
         out["matched"] = matched
     return out
