@@ -53,8 +53,9 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
       "ivf"       IndexIVFFlat: nlist k-means lists (None: 4 sqrt(N), at most N / 39 and
                   65536); a query scans the nprobe lists nearest to it. Same storage as flat
                   plus the centroids; nprobe >= nlist is exact.
-      "ivf_fp16"  IVF storing float16 residuals (IndexIVFScalarQuantizer QT_fp16): half the
-                  memory of "ivf"; similarities exact to ~1e-3.
+      "ivf_fp16"  IVF storing float16 residuals to the centroids (IndexIVFScalarQuantizer
+                  QT_fp16): half the memory of "ivf"; similarities exact to ~1e-3. Training
+                  holds FAISS's residual copy of the sample too (2x the sample, briefly).
     The IVF quantizer is trained (spherical k-means, faiss's 10 iterations) on
     min(N, 40 nlist) rows drawn with `seed` (also k-means' seed), at most block_budget()
     bytes of them, so refits with the same seed give the same index. A query whose nprobe
