@@ -238,3 +238,20 @@ def test_planted_label_noise_is_a_known_answer(cfg):
                               .rename(columns={"clean_label": "label"}), 0.25, names, seed=3)
     assert (again["label"].to_numpy() == ex["label"].to_numpy()).all()
     assert not pipeline.classify_if_changed(out, noisy)
+
+
+def test_faiss_knn_backend_gives_the_torch_heads_result(cfg):
+    import dataclasses
+    pytest.importorskip("faiss")
+    out = pipeline.run(cfg, progress=False)
+    ref = hardprobe.load_run(out).examples
+    cols = ["pred_knn", "prob_true_knn", "knn_disagreement", "hardness"]
+    for extra in (dict(knn_backend="faiss"),  # flat: exact
+                  dict(knn_backend="faiss", knn_index="ivf", knn_nlist=2, knn_nprobe=2)):
+        pipeline.classify(out, dataclasses.replace(cfg, **extra))
+        ex = hardprobe.load_run(out).examples
+        pd.testing.assert_frame_equal(ex[cols], ref[cols], rtol=1e-5)
+        m = json.loads((out / "metrics.json").read_text())["knn_search"]
+        assert m["backend"] == "faiss" and m["index"] == extra.get("knn_index", "flat")
+    with pytest.raises(Exception, match="knn_backend: faiss"):
+        build_config(model="cifar_resnet20", knn_index="ivf")

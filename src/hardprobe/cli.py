@@ -39,6 +39,12 @@ HELP = {
     "k": "neighbours of the kNN head",
     "temperature": "temperature T of the kNN votes exp(sim / T)",
     "knn_weights": "kNN votes: exp (DINO) or uniform",
+    "knn_backend": "kNN search: torch (exact, in RAM) or faiss (index built from memory-mapped "
+                   "features, for train sets beyond memory; needs faiss-cpu or faiss-gpu)",
+    "knn_index": "FAISS index: flat (exact), ivf or ivf_fp16 (approximate; recall measured in "
+                 "docs/benchmarks.md)",
+    "knn_nlist": "IVF lists (default 4 * sqrt(N_train))",
+    "knn_nprobe": "IVF lists scanned per query (more = higher recall, slower; >= nlist is exact)",
     "linear_c": "inverse L2 strength of the linear probe (scikit-learn's C)",
     "folds": "folds of the out-of-fold linear-probe probabilities on train",
     "issue_head": "head whose out-of-sample probabilities find label issues",
@@ -56,8 +62,8 @@ HELP = {
     "report": "write RUN_DIR/report.html",
     "out": "run directory to write",
 }
-HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head",
-               "seed", "device")
+HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
+               "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "device")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:

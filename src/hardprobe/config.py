@@ -48,6 +48,10 @@ class RunConfig:
     k: int = 20
     temperature: float = 0.07
     knn_weights: str = "exp"  # exp | uniform
+    knn_backend: str = "torch"  # torch (exact, in RAM) | faiss (index from memory-mapped features)
+    knn_index: str = "flat"  # faiss only: flat (exact) | ivf | ivf_fp16 (approximate)
+    knn_nlist: int | None = None  # IVF lists; None: 4 * sqrt(N_train), at most N / 39 and 65536
+    knn_nprobe: int = 16  # IVF lists scanned per query; >= nlist is exact
     linear_c: float = 1.0
     folds: int = 5
     issue_head: str = "linear"  # head whose out-of-sample probabilities feed label_issue
@@ -123,6 +127,14 @@ def _check_consistency(cfg: RunConfig) -> None:
         raise ConfigError(f"feature_dtype must be float32 or float16, not {cfg.feature_dtype!r}")
     if cfg.map_method not in ("tsne", "pca"):
         raise ConfigError(f"map_method must be tsne or pca, not {cfg.map_method!r}")
+    if cfg.knn_backend not in ("torch", "faiss"):
+        raise ConfigError(f"knn_backend must be torch or faiss, not {cfg.knn_backend!r}")
+    if cfg.knn_index not in ("flat", "ivf", "ivf_fp16"):
+        raise ConfigError(f"knn_index must be flat, ivf or ivf_fp16, not {cfg.knn_index!r}")
+    if cfg.knn_index != "flat" and cfg.knn_backend != "faiss":
+        raise ConfigError(f"knn_index {cfg.knn_index} is a FAISS index: add knn_backend: faiss")
+    if cfg.knn_nprobe < 1 or (cfg.knn_nlist is not None and cfg.knn_nlist < 1):
+        raise ConfigError("knn_nprobe and knn_nlist must be positive integers")
     if not 0.0 <= cfg.label_noise < 1.0:
         raise ConfigError(f"label_noise is a share of the train labels in [0, 1), not "
                           f"{cfg.label_noise}")

@@ -105,8 +105,8 @@ def _same_examples(out: Path, examples: pd.DataFrame) -> bool:
 
 
 # ------------------------------------------------------------------ stage stamps
-HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "linear_c", "folds", "issue_head", "seed",
-             "label_noise")
+HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
+             "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise")
 
 
 def _classify_key(run: Run, cfg: RunConfig) -> str:
@@ -227,6 +227,11 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, d
             metrics["heads"].setdefault(head, {})[split] = _head_metrics(
                 p, labels, run.class_names)
     metrics["label_issue_head"] = _issue_head(cfg, probs)
+    if "knn" in probs:
+        metrics["knn_search"] = {"backend": cfg.knn_backend, "index": cfg.knn_index,
+                                 "exact": cfg.knn_index == "flat"}
+        if cfg.knn_index != "flat":
+            metrics["knn_search"].update(nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe)
     metrics["notes"] = _notes(probs)
     out = pd.concat(frames, ignore_index=True)
     if "planted_noise" in run.examples:
@@ -247,12 +252,17 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
         if k < cfg.k:
             warnings.warn(f"k={cfg.k} but the train split has {len(fit_x)} examples: kNN uses "
                           f"k={k} (each train example is left out of its own vote)")
-        knn = KNNClassifier(k=k, temperature=cfg.temperature,
-                            weights=cfg.knn_weights, device=_head_device(cfg))
-        knn.fit(fit_x, fit_y, n_classes=n_classes)
+        knn = KNNClassifier(k=k, temperature=cfg.temperature, weights=cfg.knn_weights,
+                            device=_head_device(cfg), backend=cfg.knn_backend,
+                            index=cfg.knn_index, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
+                            seed=cfg.seed)
+        # FAISS reads the features memory-mapped, chunk by chunk: no copy of train in RAM
+        mmap = cfg.knn_backend == "faiss"
+        knn.fit(run.features(FIT_SPLIT, mmap=True) if mmap else fit_x, fit_y,
+                n_classes=n_classes)
         probs["knn"] = {}
         for s in run.splits:  # train: leave-one-out; other splits: against all of train
-            x = None if s == FIT_SPLIT else run.features(s)
+            x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
             p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
             probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
         del knn  # its normalised copy of the train features: free it before the probe fits
