@@ -172,7 +172,17 @@ def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
     import hardprobe.similarity as S
     monkeypatch.setattr(E, "explain_run", lambda *a, **k: pytest.fail("explain recomputed"))
     monkeypatch.setattr(S, "similarity_run", lambda *a, **k: pytest.fail("similarity recomputed"))
+    import hardprobe.report as R
+    drawn = []
+    real = R.write_report
+    monkeypatch.setattr(R, "write_report", lambda *a, **k: (drawn.append(1), real(*a, **k))[1])
     pipeline.run(full, progress=False)
+    assert not drawn  # nothing changed: the report stands
+    from hardprobe.finetune import finetune_run
+    finetune_run(out, mode="head", epochs=1, aum_runs=0, progress=False)
+    pipeline.run(full, progress=False)
+    assert drawn == [1]  # a stage run alone (finetune) changes the report: redrawn
+    assert "finetune" in (out / "report.html").read_text().lower()
 
 
 def test_reclassify_keeps_columns_of_later_stages(cfg):
@@ -238,6 +248,10 @@ def test_planted_label_noise_is_a_known_answer(cfg):
                               .rename(columns={"clean_label": "label"}), 0.25, names, seed=3)
     assert (again["label"].to_numpy() == ex["label"].to_numpy()).all()
     assert not pipeline.classify_if_changed(out, noisy)
+    from hardprobe.report import write_report
+    write_report(out, top=0)
+    html = (out / "report.html").read_text()
+    assert f"<b>{m['planted']}</b> of {m['n']} train labels flipped on purpose" in html
 
 
 def test_faiss_knn_backend_gives_the_torch_heads_result(cfg):

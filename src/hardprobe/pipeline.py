@@ -370,12 +370,20 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     if cfg.report:
         stamps = _stamps(out)
         key = key_digest({s: stamps.get(s) for s in ("classify", "similarity", "explain")}
-                         | {"top": cfg.top})
+                         | {"top": cfg.top} | _optional_stage_digests(out))
         if stamps.get("report") != key or not (out / "report.html").exists():
             from .report import write_report
             write_report(out, top=cfg.top)
             _stamp(out, "report", key)
     return out
+
+
+def _optional_stage_digests(out: Path) -> dict:
+    """The stages a user runs alone (perturb, depth, finetune) change the report too: their
+    summaries' digests join its stamp, so `hardprobe run` redraws it after one of them."""
+    from .cache import sha256_bytes_of
+    files = {d: out / d / "summary.json" for d in ("perturb", "depth", "finetune")}
+    return {d: sha256_bytes_of(f) if f.exists() else None for d, f in files.items()}
 
 
 def rank(run_dir: str | Path, *, top: int = 20, split: str | None = "test",

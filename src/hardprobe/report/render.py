@@ -195,6 +195,8 @@ def summary(ctx: Context) -> str:
         ("explain", "computed" if ctx.explain else "not computed"),
         ("similarity", "computed" if ctx.sim else "not computed"),
     ]
+    if m.get("planted_noise"):
+        pairs.insert(5, ("planted label noise", _planted(m["planted_noise"])))
     warns = list(m.get("warnings", [])) + ctx.problems
     if ctx.explain:
         warns += [f"explain: {w}" for w in ctx.explain["meta"].get("warnings", [])]
@@ -296,6 +298,16 @@ BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sectio
             sections.map_section, sections.per_class, sections.label_issues, robustness,
             finetune]
 __all__ = ["write_report", "Context", "SECTIONS"]
+
+
+def _planted(d: dict) -> str:
+    """--label-noise: how many train labels were flipped and how many label_issue caught."""
+    def pct(v):
+        return "—" if v is None else f"{100 * v:.1f}%"
+    return (f"<b>{fmt(d['planted'])}</b> of {fmt(d['n'])} train labels flipped on purpose "
+            f"(<code>planted_noise</code>); <code>label_issue</code> caught {fmt(d['caught'])}: "
+            f"recall {pct(d.get('recall'))}, precision {pct(d.get('precision'))} (base rate "
+            f"{pct(d.get('base_rate'))}), AUROC of −label_quality {fmt(d.get('auroc'), 3)}")
 
 
 def _skipped(run_dir: Path) -> str:
