@@ -21,11 +21,11 @@ pytestmark = pytest.mark.skipif(not distributed.dist.is_gloo_available(),
                                 reason="this torch build has no gloo backend")
 
 
-def _extract_args(train, cache, out, *extra):
+def _extract_args(train, cache, out, *extra, shard_size=4):
     return ["-m", "hardprobe", "extract", "--model", "cifar_resnet20", "--random-init",
             "--data", "imagefolder", "--train", str(train), "--cache-dir", str(cache),
-            "--shard-size", "4", "--num-workers", "0", "--no-progress", "--out", str(out),
-            "--device", "cpu", *extra]
+            "--shard-size", str(shard_size), "--num-workers", "0", "--no-progress", "--out",
+            str(out), "--device", "cpu", *extra]
 
 
 def _torchrun(n):
@@ -95,9 +95,9 @@ def _finished(cache) -> set[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 def test_a_killed_rank_then_rerun_computes_only_the_missing_shards(tmp_path):
-    train = make_folder(tmp_path / "train", 30, 1)  # 90 images -> 23 shards of 4
+    train = make_folder(tmp_path / "train", 30, 1)  # 90 images -> 45 shards of 2
     cache = tmp_path / "cache"
-    args = _extract_args(train, cache, tmp_path / "run", "--batch-size", "1")
+    args = _extract_args(train, cache, tmp_path / "run", "--batch-size", "1", shard_size=2)
     proc = subprocess.Popen(_torchrun(2) + args, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     killed = None
@@ -114,7 +114,7 @@ def test_a_killed_rank_then_rerun_computes_only_the_missing_shards(tmp_path):
     assert killed is not None, "the extraction finished before a rank could be killed"
     assert proc.returncode != 0  # torchrun saw the dead rank and stopped the job
     done_before = _finished(cache)
-    assert 0 < len(done_before) < 23
+    assert 0 < len(done_before) < 45
     assert not list(cache.glob("features/*/manifest.json"))  # never joined while incomplete
 
     again = subprocess.run(_torchrun(2) + args, env=_env(), capture_output=True, text=True,
@@ -122,11 +122,11 @@ def test_a_killed_rank_then_rerun_computes_only_the_missing_shards(tmp_path):
     assert again.returncode == 0, again.stderr
     computed = set(_manifest(cache)["meta"]["computed_shards"])
     assert not computed & done_before  # finished shards were not recomputed
-    assert computed | done_before == set(range(23))
+    assert computed | done_before == set(range(45))
 
-    ref = subprocess.run([sys.executable, *_extract_args(train, tmp_path / "c1", tmp_path / "r1"),
-                          "--batch-size", "1"], env=_env(), capture_output=True, text=True,
-                         timeout=300)
+    ref = subprocess.run([sys.executable, *_extract_args(train, tmp_path / "c1", tmp_path / "r1",
+                                                         "--batch-size", "1", shard_size=2)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "run/features/train.embedding.npy"),
                                   np.load(tmp_path / "r1/features/train.embedding.npy"))
