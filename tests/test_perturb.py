@@ -10,6 +10,7 @@ import torch
 
 import hardprobe
 from hardprobe import perturb as P
+from hardprobe.perturb import frost_textures, probes, stage
 from hardprobe.backbones import Backbone, Preprocess
 
 
@@ -108,7 +109,7 @@ def test_known_values_of_deterministic_corruptions():
 
 def test_frost_uses_the_frost_images_it_finds(tmp_path, monkeypatch):
     from PIL import Image
-    for f in P._FROST_FILES:
+    for f in frost_textures._FROST_FILES:
         Image.fromarray(np.full((300, 400, 3), 255, np.uint8)).save(tmp_path / f)
     monkeypatch.setenv("HARDPROBE_FROST_DIR", str(tmp_path))
     assert P.frost_source()["kind"] == "directory"
@@ -121,15 +122,15 @@ def test_frost_uses_the_frost_images_it_finds(tmp_path, monkeypatch):
 
 
 def test_procedural_frost_stand_in_matches_the_photographs_statistics():
-    for k, (mean, std) in enumerate(P._FROST_STATS):
-        tex = P._procedural_frost(k)
+    for k, (mean, std) in enumerate(frost_textures._FROST_STATS):
+        tex = frost_textures._procedural_frost(k)
         assert tex.shape == (128, 128, 3)
         np.testing.assert_allclose(tex.mean(axis=(0, 1)), mean, atol=4)
         np.testing.assert_allclose(tex.std(axis=(0, 1)), std, rtol=0.1)
 
 
 def test_erasing_is_nested_and_blend_is_linear():
-    rng_draw = P._EraseDraw(32, 32, np.random.default_rng(3))
+    rng_draw = probes._EraseDraw(32, 32, np.random.default_rng(3))
     masks = [P.erase(IMG, a, _draw=rng_draw) != IMG for a in P.ERASE_AREAS]
     areas = [m.any(axis=2).mean() for m in masks]
     assert all(b >= a for a, b in zip(areas, areas[1:]))
@@ -315,7 +316,8 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
     joined = run.examples.set_index("id").loc[ex["id"], cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(joined, ex[cols].astype(float), check_dtype=False)
     # a rerun reads every forward from the cache and joins without duplicate columns
-    monkeypatch.setattr(P, "_forward", lambda *a, **k: pytest.fail("recomputed a forward"))
+    for where in (stage, probes):  # the stage's own forwards and those of the flip searches
+        monkeypatch.setattr(where, "_forward", lambda *a, **k: pytest.fail("recomputed a forward"))
     P.perturb_run(tiny_run, subset=6, corruptions=names, severities=(1, 2), seed=0,
                   progress=False)
     s2 = json.loads((out / "summary.json").read_text())
