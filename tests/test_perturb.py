@@ -292,7 +292,7 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
     assert s["mean_corruption_accuracy"]["linear"] == pytest.approx(
         acc[acc["head"] == "linear"]["accuracy"].mean())
     assert s["primary_head"] == "linear" and s["source"] == "generated"
-    assert {"rho", "n"} <= set(s["hardness_flip_spearman"])
+    assert set(s["hardness_flip_spearman"]) == {"rho", "p", "n"}  # as depth's and compare's
     assert [c["class"] for c in s["classes_break_first"]] and s["seconds"]["total"] > 0
     means = [c["mean_flip_severity"] for c in s["classes_break_first"]]
     assert means == sorted(means)
@@ -310,6 +310,9 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
         assert z["maps"].shape == (6, 7, 7) and list(z["ids"]) == list(ex["id"])
     # joined into the run's table: the subset has values, every other row NaN
     run = hardprobe.load_run(tiny_run)
+    from hardprobe.depth import rank_correlation
+    hardness = run.examples.set_index("id").loc[ex["id"], "hardness"]
+    assert s["hardness_flip_spearman"] == rank_correlation(hardness, ex["flip_severity"])
     cols = P.perturb_columns(names)
     assert set(cols) <= set(run.examples.columns)
     assert run.examples["flip_severity"].notna().sum() == 6 and len(run.examples) == 48
@@ -330,6 +333,14 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
     assert "Accuracy against severity" in html and html.count("<img") >= 1 + 2 * 3
     assert "Classes that break first" in html
     assert robustness_curve_figure([run, tiny_run]).startswith(b"\x89PNG")
+
+
+def test_report_reads_the_spearman_of_rank_correlation():
+    from hardprobe.report.perturb_section import _summary_table
+    html = _summary_table({"hardness_flip_spearman": {"rho": -0.25, "p": 0.0123, "n": 40}})
+    assert "Spearman ρ -0.250 (p 0.0123, n 40)" in html
+    html = _summary_table({"hardness_flip_spearman": {"rho": None, "p": None, "n": 2}})
+    assert "Spearman ρ — (p —, n 2)" in html  # undefined: fewer than 3 pairs
 
 
 def test_perturb_run_reads_a_cifar10c_folder(tiny_run, tmp_path):

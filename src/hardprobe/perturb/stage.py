@@ -6,8 +6,10 @@ test images and writes RUN_DIR/perturb/:
 
     accuracy.csv       corruption, severity, head, accuracy, n  (every head of the run)
     summary.json       clean and mean corruption accuracy per head, accuracy by severity and by
-                       corruption, Spearman(clean hardness, flip severity), the classes that
-                       break first, occlusion / erasing / blend summaries, sources, seconds
+                       corruption, Spearman(clean hardness, flip severity) as
+                       depth.rank_correlation writes it ({"rho", "p", "n"}; rho and p None
+                       when undefined), the classes that break first, occlusion / erasing /
+                       blend summaries, sources, seconds
     examples.parquet   one row per probed example: id, label, clean_pred, flip_severity,
                        flip_severity_<corruption>, occlusion_max_drop, erase_flip_area,
                        blend_flip_weight, blend_partner, blend_partner_id
@@ -315,7 +317,7 @@ def _blend_partners(run, emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
 
 def _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, subset, c10c,
              frost_info, notes, hits) -> dict:
-    from scipy.stats import spearmanr
+    from ..depth import rank_correlation
     class_names = run.class_names
     pa = acc.pivot_table(index=["corruption", "severity"], columns="head", values="accuracy")
     by_sev = {h: {int(s): float(acc[(acc["head"] == h) & (acc["severity"] == s)]["accuracy"]
@@ -324,13 +326,6 @@ def _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, sub
                   for c in names} for h in heads.names}
     hardness = run.examples.set_index("id").loc[per_ex["id"], "hardness"].to_numpy(float)
     fs = per_ex["flip_severity"].to_numpy(float)
-    ok = np.isfinite(hardness) & np.isfinite(fs)
-    if ok.sum() >= 3 and np.ptp(hardness[ok]) > 0 and np.ptp(fs[ok]) > 0:
-        r, p = spearmanr(hardness[ok], fs[ok])
-        rho = {"rho": float(r), "p_value": float(p), "n": int(ok.sum())}
-    else:
-        rho = {"rho": None, "p_value": None, "n": int(ok.sum()),
-               "note": "undefined: fewer than 3 examples or a constant column"}
     flips = per_ex[[f"flip_severity_{c}" for c in names]]
     never_flipped = (flips == NEVER).all(axis=1).mean()
     per_class = per_ex.groupby("label")["flip_severity"].agg(["mean", "size"]).sort_values(
@@ -350,7 +345,7 @@ def _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, sub
         "accuracy_by_severity": by_sev, "accuracy_by_corruption": by_cor,
         "flip_severity": {"never": NEVER, "mean": float(np.mean(fs)),
                           "share_never_flipped": float(never_flipped)},
-        "hardness_flip_spearman": rho,
+        "hardness_flip_spearman": rank_correlation(hardness, fs),
         "classes_break_first": classes,
         "frost": frost_info,
         "corruption_notes": {c: CORRUPTION_NOTES[c] for c in names} if c10c is None else None,

@@ -185,7 +185,7 @@ def _summary_table(s: dict) -> str:
                           f"never) · share never flipped by any corruption "
                           f"{pct(fs.get('share_never_flipped'))}"),
         ("hardness vs flip severity", f"Spearman ρ {fmt(rho.get('rho'))} (p "
-                                      f"{fmt(rho.get('p_value'), 4)}, n {fmt(rho.get('n'))}); "
+                                      f"{fmt(rho.get('p'), 4)}, n {fmt(rho.get('n'))}); "
                                       "negative = harder examples break at lower severity"),
     ]
     br = s.get("classes_break_first") or []
