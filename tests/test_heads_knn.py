@@ -395,14 +395,15 @@ def test_ivf_short_lists_are_widened_to_k_neighbours():
 
 def test_default_nlist_and_training_sample_follow_n():
     pytest.importorskip("faiss")
-    from hardprobe.heads.knn import _nlist
+    from hardprobe.heads import _faiss
+    from hardprobe.heads._faiss import _nlist
     assert _nlist(None, 50_000) == int(4 * math.sqrt(50_000))  # 894: FAISS's 4 sqrt(N)
     assert _nlist(None, 1000) == 1000 // 39  # small N: at least 39 training rows per list
     assert _nlist(None, 10) == 1 and _nlist(None, 10**12) == 65536
     X, y, _ = _clustered(6, n=1200, dim=8)
     knn = KNNClassifier(k=3, backend="faiss", index="ivf").fit(X, y)
     assert knn.nlist_ == 1200 // 39 and knn.index_.nlist == knn.nlist_
-    assert knn._training_sample(X).shape == (min(1200, 40 * knn.nlist_), 8)
+    assert _faiss.training_sample(knn, X).shape == (min(1200, 40 * knn.nlist_), 8)
 
 
 def test_faiss_errors(tmp_path, monkeypatch):

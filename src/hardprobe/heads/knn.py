@@ -8,16 +8,16 @@ class probabilities are the per-class vote sums divided by the total vote.
 Two search backends: "torch" (exact, chunked matmul + top-k on a normalised copy held in
 memory) and "faiss" (an index built chunk by chunk from the training array, which may be a
 read-only memory map: exact IndexFlatIP, or IVF for speed at a measured recall; see
-KNNClassifier). The input validation helpers at the bottom are shared with `linear.py`.
+KNNClassifier). The FAISS backend lives in `_faiss.py`, imported only when it is used; it
+reads features through the helpers here (block_budget, stream_rows, _release_pages and the
+input validation at the bottom, which is shared with `linear.py`).
 """
 from __future__ import annotations
 
 import ctypes
-import math
 import mmap
 import os
 import sys
-import warnings
 
 import numpy as np
 import torch
@@ -27,8 +27,6 @@ from sklearn.utils.validation import check_is_fitted
 
 _WEIGHTS = ("exp", "uniform")
 _INDEXES = ("flat", "ivf", "ivf_fp16")
-_NLIST_CAP = 65536  # default nlist = 4 sqrt(N), at most this and at most N / 39 (see _nlist)
-_TRAIN_PER_LIST = 40  # IVF quantizer training sample: 40 rows per list (faiss warns below 39)
 
 
 class KNNClassifier(ClassifierMixin, BaseEstimator):
@@ -107,7 +105,8 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.y_fit_ = y
         self._train = self.index_ = self.nlist_ = self._fit_X = None  # drop a previous fit's data
         if faiss_backend:
-            self._fit_faiss(X)
+            from . import _faiss  # here, not at the top: _faiss imports this module's helpers
+            _faiss.fit_index(self, X)
             self._labels = torch.from_numpy(y)  # votes are counted on the CPU
             return self
         # Kept on the search device so repeated queries pay no transfer.
@@ -185,7 +184,8 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         """Top-k (sims, indices) as torch tensors on self.device (on the CPU for faiss)."""
         check_is_fitted(self, "n_samples_fit_")
         if self.backend == "faiss":
-            source = self._faiss_queries(X, exclude_self)
+            from . import _faiss  # here, not at the top: _faiss imports this module's helpers
+            source = _faiss.queries(self, X, exclude_self)
         else:
             queries, self_rows = self._queries(X, exclude_self)
         n_avail = self.n_samples_fit_ - (1 if exclude_self else 0)
@@ -194,7 +194,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
                 f"k={self.k} is larger than the {n_avail} training examples available"
                 + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
         if self.backend == "faiss":
-            return self._search_faiss(source, exclude_self)
+            return _faiss.search(self, source, exclude_self)
         # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
         per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
                      2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
@@ -212,108 +212,6 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             empty = torch.empty(0, self.k, device=self._train.device)
             return empty, empty.long()
         return torch.cat(sims), torch.cat(idx)
-
-    # -- faiss backend -----------------------------------------------------------------
-
-    def _stream_rows(self):
-        return int(self.chunk_size or stream_rows(self.n_features_in_))
-
-    def _fit_faiss(self, X):
-        """Build self.index_ from X, read self._stream_rows() rows at a time."""
-        faiss = _import_faiss()
-        n, d = X.shape
-        self.nlist_ = None if self.index == "flat" else _nlist(self.nlist, n)
-        if self.nlist_ is None:
-            index = faiss.IndexFlatIP(d)  # inner product of unit rows = cosine
-        else:
-            storage = "Flat" if self.index == "ivf" else "SQfp16"
-            index = faiss.index_factory(d, f"IVF{self.nlist_},{storage}",
-                                        faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = self.seed  # k-means' own sampling and initialisation
-        index = self._faiss_on_device(faiss, index)
-        if not index.is_trained:
-            index.train(self._training_sample(X))
-        elif hasattr(index, "codes"):  # CPU flat: reserve the storage once, so adding chunk by
-            index.codes.resize(n * index.code_size)  # chunk never reallocates it (a vector
-            index.codes.resize(0)  # that doubles holds two copies while it copies)
-        for _, chunk in _normalised_chunks(X, self._stream_rows(), "X"):
-            index.add(chunk)
-        self.index_ = index
-        self._fit_X = X  # X=None queries read it again (a reference: no copy)
-
-    def _training_sample(self, X):
-        """(m, D) float32 unit rows drawn without replacement with self.seed, in file order:
-        m = min(N, 40 nlist), at most block_budget() bytes (but at least nlist rows)."""
-        n, d = X.shape
-        m = min(n, _TRAIN_PER_LIST * self.nlist_,
-                max(self.nlist_, block_budget() // (4 * d)))
-        rows = np.sort(np.random.default_rng(self.seed).choice(n, m, replace=False))
-        sample = np.empty((m, d), np.float32)
-        step = self._stream_rows()
-        for a in range(0, m, step):
-            r = rows[a:a + step]
-            sample[a:a + len(r)] = X[r]
-            _release_pages(X[r[0]:r[-1] + 1])
-        if not np.isfinite(sample).all():
-            _check_finite(X, "X", step)  # raises, counting over all of X
-        return _normalise_inplace(sample)
-
-    def _faiss_on_device(self, faiss, index):
-        """The index on the GPU when device is cuda and this FAISS has GPU support, else as is."""
-        device = torch.device(self.device)
-        if device.type != "cuda":
-            return index
-        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
-            warnings.warn(f"device={self.device!r}, but this FAISS has no GPU support or sees "
-                          "no GPU: searching on the CPU (pip install faiss-gpu for GPU search)",
-                          stacklevel=4)
-            return index
-        self._gpu_resources = faiss.StandardGpuResources()  # must outlive the index
-        return faiss.index_cpu_to_gpu(self._gpu_resources, device.index or 0, index)
-
-    def _faiss_queries(self, X, exclude_self):
-        """The array to read queries from: the training array itself for X=None."""
-        if X is None:
-            return self._fit_X
-        if exclude_self:
-            raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
-        X = _check_shape(X, "X", allow_empty=True)  # finiteness: chunk by chunk
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but the classifier was fitted "
-                             f"with {self.n_features_in_}")
-        return X
-
-    def _search_faiss(self, source, exclude_self):
-        """Search the index with the rows of `source`, read chunk by chunk; with exclude_self
-        (source is the training array) each query's own row is dropped from its list."""
-        k = self.k + (1 if exclude_self else 0)
-        sims = np.empty((len(source), k), np.float32)
-        idx = np.empty((len(source), k), np.int64)
-        for start, chunk in _normalised_chunks(source, self._stream_rows(), "X"):
-            sims[start:start + len(chunk)], idx[start:start + len(chunk)] = (
-                self._faiss_search_chunk(chunk, k))
-        if exclude_self:  # drop each query's own row; if a tie pushed it out, drop the last
-            own = idx == np.arange(len(idx))[:, None]
-            own[~own.any(1), -1] = True
-            keep = ~own
-            sims, idx = sims[keep].reshape(len(idx), -1), idx[keep].reshape(len(idx), -1)
-        return torch.from_numpy(sims), torch.from_numpy(idx)
-
-    def _faiss_search_chunk(self, chunk, k):
-        """(sims, ids) of one chunk. IVF: a query whose nprobe lists hold fewer than k rows
-        (FAISS pads with id -1) is searched again with nprobe doubled until it has k."""
-        index = self.index_
-        if self.nlist_ is None:
-            return index.search(chunk, k)
-        nprobe = min(int(self.nprobe), self.nlist_)
-        index.nprobe = nprobe
-        sims, ids = index.search(chunk, k)
-        short = (ids < 0).any(1)
-        while short.any() and nprobe < self.nlist_:  # nprobe = nlist scans every row
-            nprobe = index.nprobe = min(2 * nprobe, self.nlist_)
-            sims[short], ids[short] = index.search(np.ascontiguousarray(chunk[short]), k)
-            short = (ids < 0).any(1)
-        return sims, ids
 
     def _topk_exact(self, q, start, self_rows):
         block = q @ self._train.T  # (chunk, N_train) cosine, fp32
@@ -363,50 +261,11 @@ def stream_rows(n_features: int) -> int:
     return max(1, block_budget() // 16 // (4 * max(1, n_features)))
 
 
-def _nlist(nlist, n):
-    """IVF list count: nlist, or 4 sqrt(n) (FAISS's guideline), at most n / 39 (FAISS wants 39
-    training rows per list) and _NLIST_CAP; at least 1."""
-    if nlist is None:
-        return max(1, min(int(4 * math.sqrt(n)), n // 39, _NLIST_CAP))
-    if nlist > n:
-        raise ValueError(f"nlist={nlist} is larger than the {n} training examples: every IVF "
-                         "list needs at least one (lower nlist, or use index='flat')")
-    return int(nlist)
-
-
-def _import_faiss():
-    try:
-        import faiss
-    except ImportError as e:
-        raise ImportError("backend='faiss' needs FAISS: pip install faiss-cpu (or faiss-gpu, "
-                          "or hardprobe's extra: pip install 'hardprobe[faiss]')") from e
-    return faiss
-
 
 def _normalise(X, device):
     # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
     return F.normalize(torch.as_tensor(X, dtype=torch.float32, device=device), dim=1)
 
-
-def _normalise_inplace(buf):
-    """Unit rows of a float32 C-contiguous numpy array, in place; the same values as
-    _normalise (one row never depends on the others)."""
-    t = torch.from_numpy(buf)
-    F.normalize(t, dim=1, out=t)
-    return buf
-
-
-def _normalised_chunks(X, rows, name):
-    """Yield (start, (n, D) float32 unit rows of X[start:start + n]), reading `rows` rows at
-    a time (a fresh float32 copy per chunk). A non-finite value raises the ValueError of
-    _check_finite, counted over all of X."""
-    for start in range(0, len(X), rows):
-        part = X[start:start + rows]
-        buf = np.array(part, dtype=np.float32, order="C")  # the chunk is read here
-        _release_pages(part)
-        if not np.isfinite(buf).all():
-            _check_finite(X, name, rows)
-        yield start, _normalise_inplace(buf)
 
 
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
