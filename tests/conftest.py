@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from threadpoolctl import threadpool_limits
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CLASS_COLORS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "frog": (40, 40, 200)}
@@ -92,3 +93,15 @@ def cifar_jpeg_test(shared_dir, tmp_path_factory) -> Path:
     with tarfile.open(shared_dir / "data" / "cifar10-jpeg" / "test.tar") as t:
         t.extractall(out, filter="data")
     return out / "test"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch and BLAS at one thread for a module of tiny problems: on a busy 2-core box a
+    second thread only adds contention (measured 6x slower per L-BFGS step). Restored after.
+    Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)

@@ -14,7 +14,6 @@ from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
-from threadpoolctl import threadpool_limits
 
 from hardprobe import pipeline, training
 from hardprobe.backbones import Backbone, Preprocess, create_backbone
@@ -30,14 +29,7 @@ from conftest import make_folder
 FAST = dict(epochs=3, batch_size=8, num_workers=0, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny problems: a second thread on a busy 2-core box only adds contention
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.exceptions import ConvergenceWarning
@@ -20,15 +19,7 @@ HARD = dict(n_samples=2000, n_features=64, n_informative=8, n_classes=10, class_
 BINARY = dict(n_samples=600, n_features=20, n_classes=2, random_state=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These problems are tiny; on a busy 2-core box a second BLAS/torch thread only adds
-    # contention (measured 6x slower per L-BFGS step). Restored after the module.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny problems: see conftest
 
 
 def _sklearn_reference(X, y, C):
