@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .knn import _check_finite, _check_shape, _release_pages, block_budget, stream_rows
+from .knn import (_check_finite, _check_n_features, _check_shape, _release_pages, block_budget,
+                  stream_rows)
 
 _NLIST_CAP = 65536  # default nlist = 4 sqrt(N), at most this and at most N / 39 (see _nlist)
 _TRAIN_PER_LIST = 40  # IVF quantizer training sample: 40 rows per list (faiss warns below 39)
@@ -90,10 +91,7 @@ def queries(knn, X, exclude_self):
     if exclude_self:
         raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
     X = _check_shape(X, "X", allow_empty=True)  # finiteness: chunk by chunk
-    if X.shape[1] != knn.n_features_in_:
-        raise ValueError(f"X has {X.shape[1]} features, but the classifier was fitted "
-                         f"with {knn.n_features_in_}")
-    return X
+    return _check_n_features(X, knn.n_features_in_)
 
 
 def search(knn, source, exclude_self):

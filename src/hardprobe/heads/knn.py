@@ -238,10 +238,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
             return self._train, exclude_self
         if exclude_self:
             raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
-        X = _check_features(X, "X", allow_empty=True)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but the classifier was fitted "
-                             f"with {self.n_features_in_}")
+        X = _check_n_features(_check_features(X, "X", allow_empty=True), self.n_features_in_)
         return _normalise(X, self.device), False
 
 
@@ -299,6 +296,14 @@ def _check_features(X, name="X", *, allow_empty=False):
     """Float (N, D) array with only finite values; raises ValueError otherwise."""
     X = _check_shape(np.asarray(X), name, allow_empty=allow_empty)  # a memmap: a plain view
     _check_finite(X, name)
+    return X
+
+
+def _check_n_features(X, n_features: int, fitted: str = "classifier"):
+    """X unchanged when it has the n_features columns the estimator was fitted with."""
+    if X.shape[1] != n_features:
+        raise ValueError(f"X has {X.shape[1]} features, but the {fitted} was fitted with "
+                         f"{n_features}")
     return X
 
 

@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
-from .knn import _check_features, _check_labels, _resolve_n_classes
+from .knn import _check_features, _check_n_features, _check_labels, _resolve_n_classes
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -75,10 +75,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     def decision_function(self, X):
         """(N, n_classes) logits; higher = more likely. Absent classes are -inf."""
         check_is_fitted(self, "coef_")
-        X = _check_features(X, "X", allow_empty=True)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but the probe was fitted "
-                             f"with {self.n_features_in_}")
+        X = _check_n_features(_check_features(X, "X", allow_empty=True), self.n_features_in_,
+                              "probe")
         return ((X - self.mean_) / self.scale_) @ self.coef_.T + self.intercept_
 
     def predict_proba(self, X):

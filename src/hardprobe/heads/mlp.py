@@ -14,7 +14,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ..training import Trainer, predict_logits
-from .knn import _check_features, _check_labels, _resolve_n_classes
+from .knn import _check_features, _check_n_features, _check_labels, _resolve_n_classes
 
 
 class MLPNet(nn.Module):
@@ -121,10 +121,8 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def decision_function(self, X):
         """(N, n_classes) logits; higher = more likely."""
         check_is_fitted(self, "net_")
-        X = _check_features(X, "X", allow_empty=True)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but the head was fitted with "
-                             f"{self.n_features_in_}")
+        X = _check_n_features(_check_features(X, "X", allow_empty=True), self.n_features_in_,
+                              "head")
         Xt = torch.as_tensor(X, dtype=torch.float32, device=self.device)
         order = np.arange(len(X))
         return predict_logits(self.net_, feature_batches(Xt, 4096)(order), len(X),
