@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_knn import agreement, timed  # same folder: the script's own path is on sys.path
+
 OUT = Path(__file__).resolve().parent / "results"
 DEFAULT_REAL = Path("/tmp/runs/r56full")
 RSS_QUERIES = 2000
@@ -93,17 +95,6 @@ def real(run_dir: Path, data_dir: str) -> dict | None:
             "y_train": str(tmp / "y_train.npy"), "y_query": str(tmp / "y_query.npy")}
 
 
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
-def recall(idx: np.ndarray, exact: np.ndarray) -> float:
-    """Share of the exact k neighbours found, order ignored, averaged over queries."""
-    return float(np.mean([len(np.intersect1d(a, b)) / len(b) for a, b in zip(idx, exact)]))
-
-
 def index_bytes(knn) -> int:
     ix = knn.index_
     if knn.nlist_ is None:
@@ -142,7 +133,7 @@ def sweep(files: dict, k: int, nprobes: list[int]) -> list[dict]:
         del knn
     ref, flat_s = rows[0]["idx"], rows[1]["search_s"]
     for r in rows:
-        r["recall"] = recall(r.pop("idx"), ref)
+        r["recall"] = agreement(r.pop("idx"), ref)  # recall@k: k exact neighbours each
         r["search_vs_faiss_flat"] = r["search_s"] / flat_s
     return rows
 
