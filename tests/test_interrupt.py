@@ -28,20 +28,25 @@ def _finished_shards(cache):
     return sorted(p.name for p in cache.rglob("shard_*.sha256"))
 
 
+def _kill_when(cmd, reached) -> bool:
+    """Start cmd, SIGKILL it as soon as reached() holds; False when it finished first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not reached():
+        time.sleep(0.005)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed
+
+
 def test_kill_9_at_random_points_then_resume_is_identical(tmp_path, monkeypatch):
     train = make_folder(tmp_path / "train", 30, 0)  # 90 images -> 23 shards of 4
     cache = tmp_path / "cache"
     rng = random.Random(0)
-    kills = 0
-    for target in sorted(rng.sample(range(1, 20), 4)):
-        proc = subprocess.Popen(_cmd(train, cache, tmp_path / "out"), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
-        while proc.poll() is None and len(_finished_shards(cache)) < target:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = sum(_kill_when(_cmd(train, cache, tmp_path / "out"),
+                           lambda t=t: len(_finished_shards(cache)) >= t)
+                for t in sorted(rng.sample(range(1, 20), 4)))
     assert kills >= 2, "the extraction finished before it could be killed"
     done_before = {int(n[6:11]) for n in _finished_shards(cache)}
     assert done_before, "no shard finished before the kills"
@@ -141,15 +146,8 @@ def test_kill_9_during_perturb_then_rerun_is_identical(tmp_path, tiny_folder):
     cmd = [sys.executable, "-m", "hardprobe", "perturb", str(run), "--subset", "0",
            "--corruptions", *names, "--no-occlusion", "--no-blend", "--batch-size", "1",
            "--device", "cpu"]
-    kills = 0
-    for target in sorted(random.Random(2).sample(range(1, 14), 3)):
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None and entries() - n_extract < target:
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = sum(_kill_when(cmd, lambda t=t: entries() - n_extract >= t)
+                for t in sorted(random.Random(2).sample(range(1, 14), 3)))
     assert kills >= 2, "perturb finished before it could be killed"
     done_before = entries() - n_extract
     assert 0 < done_before < 15
