@@ -99,9 +99,12 @@ def _same_examples(out: Path, examples: pd.DataFrame) -> bool:
     path = out / "examples.parquet"
     if not path.exists():
         return False
-    old = pd.read_parquet(path)
+    import pyarrow.parquet as pq
     cols = list(examples.columns)
-    return set(cols) <= set(old.columns) and old[cols].equals(examples.reset_index(drop=True))
+    if not set(cols) <= set(pq.read_schema(path).names):
+        return False
+    old = pd.read_parquet(path, columns=cols)  # not the later stages' columns
+    return old.equals(examples.reset_index(drop=True))
 
 
 # ------------------------------------------------------------------ stage stamps
