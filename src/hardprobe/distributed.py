@@ -115,7 +115,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-
 @contextlib.contextmanager
 def main_first(ctx: Context):
     """Rank 0 runs the block first (downloads, folder scans that create files), then the rest."""
