@@ -65,7 +65,8 @@ def synthetic_run(root: Path, n_train: int, n_test: int, dim: int) -> Path:
     import pandas as pd
 
     from hardprobe.config import build_config, save_config
-    from hardprobe.run import save_array, write_examples, write_json
+    from hardprobe.core.io import write_json
+    from hardprobe.rundir.run import save_array, write_examples
     rng = np.random.default_rng(0)
     centers = rng.normal(size=(10, dim)).astype(np.float32)
     frames = []

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hardprobe.backbones import create_backbone
-from hardprobe.explain import throughput
+from hardprobe.stages.explain.stage import throughput
 
 OUT = Path(__file__).resolve().parent / "results"
 

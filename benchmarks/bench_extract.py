@@ -6,7 +6,7 @@ CIFAR-10-sized images (the shared JPEGs when ../shared is present, else generate
 backbone at its native input size (224 for resnet50 / vit_b_16), measured side by side in one run:
   baseline  what a researcher writes first: PIL per image, Resize + ToTensor + Normalize,
             DataLoader, fp32 NCHW model under no_grad;
-  ours      hardprobe.features.extract_split end to end (decode, cache write included);
+  ours      hardprobe.stages.extract.features.extract_split end to end (decode, cache write included);
   roof      our model forward alone on ready tensors (same precision and layout as ours).
 Speed does not depend on the weights, so random-init models are used. Prints a table of
 ratios and writes benchmarks/results/bench_extract_<model>.json.
@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from hardprobe.backbones import create_backbone
-from hardprobe.data import load_imagefolder
-from hardprobe.features import default_num_workers, extract_split, resolve_precision
+from hardprobe.core.device import default_num_workers, resolve_precision
+from hardprobe.data.datasets import load_imagefolder
+from hardprobe.stages.extract.features import extract_split
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OUT = Path(__file__).resolve().parent / "results"

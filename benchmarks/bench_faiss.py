@@ -27,11 +27,9 @@ import resource
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_knn import agreement, timed  # same folder: the script's own path is on sys.path
 
 OUT = Path(__file__).resolve().parent / "results"
@@ -154,6 +152,7 @@ def peak_rss() -> int:
 def rss_child(variant: str, files: dict, k: int, out: str) -> None:
     """Fit + search one variant in this (fresh) process; write its peak RSS."""
     import faiss  # noqa: F401  (imported before the baseline: it is part of every variant)
+
     from hardprobe.heads import KNNClassifier
     base = peak_rss()
     where, backend, index = variant.split(":")

@@ -4,7 +4,7 @@
 
 Makes a run of cifar_resnet20 (the shared checkpoint) on the first --n-train train and 1,000
 test images of the shared JPEG CIFAR-10 (random-init weights on generated images when
-../shared is absent), then fine-tunes it with `hardprobe.finetune.finetune_run` once per
+../shared is absent), then fine-tunes it with `hardprobe.stages.finetune.finetune_run` once per
 precision, one plain run each (aum_runs=0), and reports training images/s from the stage's
 own per-epoch timing, the wall time and the test accuracy after. bf16 only pays where the CPU
 has bf16 units (AMX or AVX512-BF16; see `hardprobe doctor`). Writes
@@ -53,8 +53,8 @@ def main() -> None:
     a = ap.parse_args()
     from hardprobe import pipeline
     from hardprobe.config import build_config
-    from hardprobe.features import cpu_has_bf16_units
-    from hardprobe.finetune import finetune_run
+    from hardprobe.core.device import cpu_has_bf16_units
+    from hardprobe.stages.finetune.stage import finetune_run
     res = {"mode": a.mode, "epochs": a.epochs, "bf16_units": cpu_has_bf16_units(), "runs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

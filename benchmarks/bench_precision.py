@@ -16,12 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from hardprobe.backbones import create_backbone
-from hardprobe.data import load_imagefolder
-from hardprobe.features import extract_split
+from hardprobe.data.datasets import load_imagefolder
 from hardprobe.heads import KNNClassifier
+from hardprobe.stages.extract.features import extract_split
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OUT = Path(__file__).resolve().parent / "results"

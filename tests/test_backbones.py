@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from hardprobe.backbones import Preprocess, UnknownModelError, create_backbone, list_backbones
+from hardprobe.backbones import Preprocess, create_backbone, list_backbones, list_layers
 from hardprobe.backbones import _weights as W
 from hardprobe.backbones.cifar_resnet import CifarResNet, ShortcutA
-from hardprobe.backbones.registry import list_layers
+from hardprobe.errors import UnknownModelError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 CIFAR_CKPT = SHARED / "models" / "cifar-resnet"

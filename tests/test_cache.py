@@ -1,7 +1,9 @@
 import numpy as np
 import pytest
 
-from hardprobe.cache import CacheCorruptError, CacheEntry, atomic_write, key_digest
+from hardprobe.core.cache import CacheEntry, key_digest
+from hardprobe.core.io import atomic_write
+from hardprobe.errors import CacheCorruptError
 
 
 def test_key_digest_is_order_independent_and_sensitive():
@@ -63,9 +65,8 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 def test_atomic_write_gives_the_usual_file_mode(tmp_path):
     """Not mkstemp's 0o600: others can read a run dir as they can any file the user writes."""
-    import os
 
-    from hardprobe.cache import atomic_write_text
+    from hardprobe.core.io import atomic_write_text
     atomic_write_text(tmp_path / "f.txt", "x")
     (tmp_path / "plain.txt").write_text("x")  # what open() gives under the same umask
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777

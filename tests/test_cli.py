@@ -168,6 +168,7 @@ def test_perturb_command(tiny_folder, tmp_path):
 
 def test_finetune_command(tiny_folder, tmp_path, capsys):
     import json
+
     import hardprobe
     train, test = tiny_folder
     out = tmp_path / "run"

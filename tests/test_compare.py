@@ -11,17 +11,17 @@ from html.parser import HTMLParser
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_folder
 from sklearn.metrics import cohen_kappa_score
 
 import hardprobe
-from hardprobe import compare as C
 from hardprobe import pipeline
 from hardprobe.config import build_config
-from hardprobe.depth import depth_run
+from hardprobe.core.io import write_json
 from hardprobe.report import plots
-from hardprobe.run import save_array, write_examples, write_json
-
-from conftest import make_folder
+from hardprobe.rundir.run import save_array, write_examples
+from hardprobe.stages import compare as C
+from hardprobe.stages.depth import depth_run
 
 EVIL = "<script>alert(1)</script>"
 N = 40

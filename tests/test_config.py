@@ -1,6 +1,7 @@
 import pytest
 
-from hardprobe.config import ConfigError, RunConfig, build_config, load_config, save_config
+from hardprobe.config import RunConfig, build_config, load_config, save_config
+from hardprobe.errors import ConfigError
 
 
 def test_yaml_then_flags(tmp_path):
@@ -34,6 +35,7 @@ def test_int_accepted_for_float():
     ({"data": "imagefolder"}, "train"),
     ({"heads": ["knn", "svm"]}, "svm"),
     ({"k": 0}, "k must"),
+    ({"issue_head": "lienar"}, "issue_head must be"),  # a typo never falls back silently
 ])
 def test_conflicts(kw, msg):
     with pytest.raises(ConfigError, match=msg):

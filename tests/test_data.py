@@ -3,7 +3,14 @@ import pytest
 import torch
 from PIL import Image
 
-from hardprobe.data import DataError, SplitDataset, load_cifar10, load_dataset, load_imagefolder, read_image
+from hardprobe.data.datasets import (
+    SplitDataset,
+    load_cifar10,
+    load_dataset,
+    load_imagefolder,
+    read_image,
+)
+from hardprobe.errors import DataError
 
 
 def test_imagefolder_examples_table(tiny_folder):
@@ -114,7 +121,7 @@ def test_split_dataset_applies_transform(tiny_folder):
 
 
 def test_undecodable_item_is_reported_not_raised(tiny_folder):
-    from hardprobe.data import collate_skipping
+    from hardprobe.data.datasets import collate_skipping
     train, test = tiny_folder
     (test / "dog" / "img_001.png").write_bytes(b"")  # zero-byte file
     split = load_imagefolder(train, test).splits["test"]
@@ -127,7 +134,7 @@ def test_undecodable_item_is_reported_not_raised(tiny_folder):
 
 
 def test_mixed_sizes_without_resize_is_a_clear_error(tiny_folder):
-    from hardprobe.data import collate_skipping
+    from hardprobe.data.datasets import collate_skipping
     train, test = tiny_folder
     Image.new("RGB", (40, 30)).save(test / "cat" / "img_000.png")
     ds = SplitDataset(load_imagefolder(train, test).splits["test"])

@@ -6,13 +6,13 @@ import random
 import numpy as np
 import pytest
 import torch
+from conftest import make_image
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from hardprobe.data import DataError, load_imagefolder, read_image
-
-from conftest import make_image
+from hardprobe.data.datasets import load_imagefolder, read_image
+from hardprobe.errors import DataError
 
 FUZZ_CASES = int(os.environ.get("HARDPROBE_FUZZ_CASES", "300"))
 

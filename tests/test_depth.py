@@ -7,16 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_folder
 
 import hardprobe
-from hardprobe import depth as D
 from hardprobe import pipeline
 from hardprobe.backbones import Backbone, Preprocess
 from hardprobe.config import build_config
-from hardprobe.data import Split
-from hardprobe.run import read_json
-
-from conftest import make_folder
+from hardprobe.core.io import read_json
+from hardprobe.data.datasets import Split
+from hardprobe.stages import depth as D
 
 
 # ------------------------------------------------------------------ the definition
@@ -196,7 +195,7 @@ def test_depth_run_end_to_end(tiny_run, monkeypatch):
 
 
 def test_depth_run_needs_scores(tmp_path):
-    from hardprobe.run import write_examples
+    from hardprobe.rundir.run import write_examples
     write_examples(tmp_path, pd.DataFrame({"id": ["a"], "split": ["train"], "label": [0]}))
     with pytest.raises(ValueError, match="classify"):
         D.depth_run(tmp_path, progress=False)

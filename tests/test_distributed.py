@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from hardprobe import distributed
-from hardprobe.features import default_num_workers
-
 from conftest import make_folder
+
+from hardprobe.core import distributed
+from hardprobe.core.device import default_num_workers
 
 pytestmark = pytest.mark.skipif(not distributed.dist.is_gloo_available(),
                                 reason="this torch build has no gloo backend")

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from hardprobe import dynamics
-from hardprobe.dynamics import AMBIGUOUS, EASY, HARD
+from hardprobe.scoring import dynamics
+from hardprobe.scoring.dynamics import AMBIGUOUS, EASY, HARD
 
 # Three examples over four epochs. Hand-computed values below each.
 PROB = np.array([[0.2, 0.6, 0.8, 1.0],    # mean 0.65; deviations -.45 -.05 .15 .35

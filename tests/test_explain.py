@@ -10,10 +10,17 @@ import torch
 from torch import nn
 
 import hardprobe
-from hardprobe import explain, pipeline
+from hardprobe import pipeline
 from hardprobe.backbones import Backbone, Preprocess, create_backbone
 from hardprobe.config import build_config
-from hardprobe.explain import CamError, CamWarning, cam_stats, compute_cams, faithfulness
+from hardprobe.stages.explain import stage as explain
+from hardprobe.stages.explain.stage import (
+    CamError,
+    CamWarning,
+    cam_stats,
+    compute_cams,
+    faithfulness,
+)
 
 
 # ------------------------------------------------------------------ models

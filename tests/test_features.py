@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from hardprobe.data import load_imagefolder
-from hardprobe.features import (NonFiniteFeaturesError, extract_split, feature_key,
-                                resolve_device, resolve_precision)
+from hardprobe.core.device import resolve_device, resolve_precision
+from hardprobe.data.datasets import load_imagefolder
+from hardprobe.errors import NonFiniteFeaturesError
+from hardprobe.stages.extract.features import extract_split, feature_key
 
 
 def _extract(bb, split, cache, **kw):
@@ -38,6 +39,7 @@ def test_cache_hit_does_not_touch_the_model(tiny_backbone, tiny_folder, tmp_path
 
 def test_cache_invalidated_by_any_input(tiny_backbone, tiny_folder, tmp_path):
     from dataclasses import replace
+
     from PIL import Image
     train, test = tiny_folder
     split = load_imagefolder(train, test).splits["test"]
@@ -55,7 +57,7 @@ def test_cache_invalidated_by_any_input(tiny_backbone, tiny_folder, tmp_path):
 
 
 def test_resume_computes_only_missing_shards(tiny_backbone, tiny_folder, tmp_path, monkeypatch):
-    import hardprobe.features as F
+    import hardprobe.stages.extract.features as F
     split = load_imagefolder(*tiny_folder).splits["train"]  # 36 images, shards of 10 -> 4
     full, _ = _extract(tiny_backbone, split, tmp_path / "ref", shard_size=10)
 
@@ -101,7 +103,7 @@ def test_headless_model_stores_no_logits(tiny_backbone, tiny_folder, tmp_path):
 def test_device_and_precision_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda", "mps")
-    from hardprobe.features import cpu_has_bf16_units
+    from hardprobe.core.device import cpu_has_bf16_units
     want = "bf16" if cpu_has_bf16_units() else "fp32"
     assert resolve_precision("auto", torch.device("cpu")) == want
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"

@@ -10,21 +10,26 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_folder
 from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from hardprobe import pipeline, training
+from hardprobe import pipeline
 from hardprobe.backbones import Backbone, Preprocess, create_backbone
 from hardprobe.config import build_config, save_config
-from hardprobe.finetune import finetune_run
-from hardprobe.finetune_images import (FineTuneNet, augment, last_stage, set_trainable,
-                                       train_mode)
-from hardprobe.heads import MLPHead
-from hardprobe.run import save_array, write_examples, write_json
-
-from conftest import make_folder
+from hardprobe.core.io import write_json
+from hardprobe.heads import MLPHead, training
+from hardprobe.rundir.run import save_array, write_examples
+from hardprobe.stages.finetune.images import (
+    FineTuneNet,
+    augment,
+    last_stage,
+    set_trainable,
+    train_mode,
+)
+from hardprobe.stages.finetune.stage import finetune_run
 
 FAST = dict(epochs=3, batch_size=8, num_workers=0, progress=False)
 
@@ -276,7 +281,7 @@ def test_bad_options(image_run, kwargs, match):
 
 def test_streamed_images_equal_in_memory(image_run, tmp_path, monkeypatch):
     """Images too large for memory are decoded every epoch: same batches, same result."""
-    from hardprobe import finetune_images
+    from hardprobe.stages.finetune import images as finetune_images
     kw = dict(mode="last", aum_runs=0, **{**FAST, "epochs": 2})
     a = finetune_run(copy_run(image_run, tmp_path / "a"), **kw)
     monkeypatch.setattr(finetune_images, "MEMORY_BUDGET", 0)

@@ -130,7 +130,7 @@ def test_chunk_size_from_memory_budget(monkeypatch):
     X, y, Xq = _data(5, 6, n_train=60)
     full = KNNClassifier(k=5).fit(X, y).kneighbors(Xq)[1]
     # Budget for 7 rows of a (chunk, 60) float32 block -> chunks of 7 queries.
-    monkeypatch.setattr("hardprobe.heads.knn.block_budget", lambda: 7 * 60 * 4)
+    monkeypatch.setattr("hardprobe.heads._arrays.block_budget", lambda: 7 * 60 * 4)
     seen, real_topk = [], torch.topk
 
     def spy_topk(block, *args, **kwargs):
@@ -232,7 +232,7 @@ def test_faiss_backend_equals_our_exact_search():
 
 
 def test_block_budget_is_bounded():
-    from hardprobe.heads.knn import block_budget
+    from hardprobe.heads._arrays import block_budget
     assert 64 * 2**20 <= block_budget() <= 2**30
 
 
@@ -319,11 +319,11 @@ def test_memmap_fit_is_identical_to_in_memory_fit(tmp_path, monkeypatch, index):
 
 def test_faiss_chunks_from_memory_budget(monkeypatch, tmp_path):
     pytest.importorskip("faiss")
-    from hardprobe.heads.knn import stream_rows
+    from hardprobe.heads._arrays import stream_rows
     X, y, Q = _clustered(2, n=300, dim=16)
     ref = KNNClassifier(k=5, backend="faiss").fit(X, y).kneighbors(Q)
     # block_budget() / 16 bytes of float32 rows per chunk: 1,600 bytes -> 25 rows of 16
-    monkeypatch.setattr("hardprobe.heads.knn.block_budget", lambda: 16 * 25 * 16 * 4)
+    monkeypatch.setattr("hardprobe.heads._arrays.block_budget", lambda: 16 * 25 * 16 * 4)
     assert stream_rows(16) == 25
     knn = KNNClassifier(k=5, backend="faiss").fit(_save(tmp_path, X), y)
     searched, real_search = [], knn.index_.search

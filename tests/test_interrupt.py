@@ -8,13 +8,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
+from conftest import make_folder
 
 from hardprobe.backbones import create_backbone
-from hardprobe.data import load_imagefolder
-from hardprobe.features import extract_split
-
-from conftest import make_folder
+from hardprobe.data.datasets import load_imagefolder
+from hardprobe.stages.extract.features import extract_split
 
 
 def _cmd(train, cache, out):
@@ -51,7 +49,7 @@ def test_kill_9_at_random_points_then_resume_is_identical(tmp_path, monkeypatch)
     done_before = {int(n[6:11]) for n in _finished_shards(cache)}
     assert done_before, "no shard finished before the kills"
 
-    import hardprobe.features as F
+    import hardprobe.stages.extract.features as F
     computed = []
     real = F._forward_indices
     monkeypatch.setattr(F, "_forward_indices",
@@ -124,9 +122,10 @@ def test_kill_9_during_perturb_then_rerun_is_identical(tmp_path, tiny_folder):
     import shutil
 
     import pandas as pd
+
     from hardprobe import pipeline
     from hardprobe.config import build_config
-    from hardprobe.perturb import perturb_run
+    from hardprobe.stages.perturb import perturb_run
     train, test = tiny_folder
     cache = tmp_path / "c"
     cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import hardprobe
-from hardprobe import perturb as P
-from hardprobe.perturb import frost_textures, probes, stage
 from hardprobe.backbones import Backbone, Preprocess
+from hardprobe.core.stats import stratified_subset
+from hardprobe.stages import perturb as P
+from hardprobe.stages.perturb import frost_textures, probes, stage
 
 
 def natural_image(h=32, w=32, seed=0) -> np.ndarray:
@@ -143,10 +144,10 @@ def test_erasing_is_nested_and_blend_is_linear():
 
 def test_stratified_subset_and_lowest_flip():
     labels = np.repeat([0, 1, 2], [50, 30, 20])
-    rows = P.stratified_subset(labels, 10, seed=0)
+    rows = stratified_subset(labels, 10, seed=0)
     assert list(np.bincount(labels[rows])) == [5, 3, 2] and (np.diff(rows) > 0).all()
-    np.testing.assert_array_equal(rows, P.stratified_subset(labels, 10, seed=0))
-    assert len(P.stratified_subset(labels, None)) == 100
+    np.testing.assert_array_equal(rows, stratified_subset(labels, 10, seed=0))
+    assert len(stratified_subset(labels, None)) == 100
     preds = np.array([[0, 1, 0], [1, 1, 0], [1, 1, 0]])  # severities 1..3 x examples
     np.testing.assert_array_equal(P.lowest_flip([0, 0, 0], preds, [1, 2, 3], 6), [2, 1, 6])
 
@@ -258,6 +259,7 @@ def test_cifar10c_reader(tmp_path):
 def _tiny_run_once(tmp_path_factory):
     """One classified tiny run (tests/conftest.py's 3-class folders, random-init ResNet-20)."""
     from conftest import make_folder
+
     from hardprobe import pipeline
     from hardprobe.config import build_config
     root = tmp_path_factory.mktemp("perturb")
@@ -277,7 +279,10 @@ def tiny_run(_tiny_run_once, tmp_path):
 
 
 def test_perturb_run_end_to_end(tiny_run, monkeypatch):
-    from hardprobe.report.perturb_section import perturb_section, robustness_curve_figure
+    from hardprobe.report.perturb_section import (
+        perturb_section,
+        robustness_curve_figure,
+    )
     assert "not computed" in perturb_section(tiny_run)
     names = ["gaussian_noise", "contrast"]
     out = P.perturb_run(tiny_run, subset=6, corruptions=names, severities=(1, 2), seed=0,
@@ -310,7 +315,7 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
         assert z["maps"].shape == (6, 7, 7) and list(z["ids"]) == list(ex["id"])
     # joined into the run's table: the subset has values, every other row NaN
     run = hardprobe.load_run(tiny_run)
-    from hardprobe.depth import rank_correlation
+    from hardprobe.core.stats import rank_correlation
     hardness = run.examples.set_index("id").loc[ex["id"], "hardness"]
     assert s["hardness_flip_spearman"] == rank_correlation(hardness, ex["flip_severity"])
     cols = P.perturb_columns(names)
@@ -358,3 +363,18 @@ def test_perturb_run_reads_a_cifar10c_folder(tiny_run, tmp_path):
     bad = make_cifar10c(tmp_path / "bad", (labels + 1) % 3, names=("contrast",))
     with pytest.raises(P.PerturbError, match="differs from the run's test labels"):
         P.perturb_run(tiny_run, corruptions=["contrast"], cifar10c=bad, progress=False)
+
+
+def test_run_heads_key_changes_with_the_train_labels(tiny_run):
+    """Issue 13, item 1: perturb's cache key names the labels the heads were fitted on, so a
+    run with other labels (--label-noise, --labels) never reads another run's results."""
+    run = hardprobe.load_run(tiny_run)
+    before = P.RunHeads(run).key
+    ex = run.examples.copy()
+    flip = (ex["split"] == "train").to_numpy() & (np.arange(len(ex)) % 5 == 0)
+    ex.loc[flip, "label"] = (ex.loc[flip, "label"] + 1) % len(run.class_names)
+    from hardprobe.rundir.run import write_examples
+    write_examples(tiny_run, ex)
+    after = P.RunHeads(hardprobe.load_run(tiny_run)).key
+    assert before["train"] == after["train"]  # the same features...
+    assert before != after  # ...but other labels: another key

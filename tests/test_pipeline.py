@@ -57,7 +57,7 @@ def test_scores_are_consistent_with_the_heads(cfg):
 
 def test_rerun_hits_the_cache(cfg, monkeypatch):
     pipeline.run(cfg, progress=False)
-    import hardprobe.features as F
+    import hardprobe.stages.extract.features as F
     monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("recomputed features"))
     pipeline.run(cfg, progress=False)
 
@@ -79,6 +79,13 @@ def test_model_head_when_label_space_matches(fake_cifar, tmp_path):
     run = hardprobe.load_run(pipeline.run(cfg, progress=False))
     assert "pred_model" in run.examples.columns and run.logits("test").shape == (4, 10)
     assert any("in-sample" in n for n in run.metrics["notes"])
+    assert run.metrics["label_issue_head"] == "linear" and not run.metrics["label_issue_in_sample"]
+    # issue_head: model is allowed, but the run says its flags are in-sample (issue 13, item 2)
+    from dataclasses import replace
+    pipeline.classify(cfg.out, replace(cfg, issue_head="model"))
+    m = hardprobe.load_run(cfg.out).metrics
+    assert m["label_issue_head"] == "model" and m["label_issue_in_sample"]
+    assert any("issue_head: model" in w and "in-sample" in w for w in m["warnings"])
 
 
 def test_rank_orders_by_hardness(cfg):
@@ -94,8 +101,8 @@ def test_rank_orders_by_hardness(cfg):
 def test_resnet56_reproduces_published_accuracy_on_shared_test(shared_dir, cifar_jpeg_test, tmp_path):
     """The model head of cifar_resnet56 on the JPEG CIFAR-10 test set: 83.20% (shared README)."""
     from hardprobe.backbones import create_backbone
-    from hardprobe.data import load_imagefolder
-    from hardprobe.features import extract_split
+    from hardprobe.data.datasets import load_imagefolder
+    from hardprobe.stages.extract.features import extract_split
     bb = create_backbone("cifar_resnet56",
                          weights=str(shared_dir / "models/cifar-resnet/resnet56-4bfd9763.th"))
     split = load_imagefolder(cifar_jpeg_test, cifar_jpeg_test).splits["test"]
@@ -115,7 +122,7 @@ def test_run_reopens_its_images_and_backbone(cfg):
     run = hardprobe.load_run(pipeline.run(cfg, progress=False))
     ex = run.split_examples("test")
     img = run.images([ex["id"].iloc[5]])[0]
-    from hardprobe.data import read_image
+    from hardprobe.data.datasets import read_image
     assert (img == read_image(run.dataset().splits["test"].root + "/" + ex["path"].iloc[5])).all()
     bb = run.backbone()
     import torch
@@ -129,7 +136,7 @@ def test_run_reopens_its_images_and_backbone(cfg):
 def test_undecodable_images_are_skipped_and_listed(cfg, tiny_folder):
     from dataclasses import replace
 
-    from hardprobe.data import DataError
+    from hardprobe.errors import DataError
     train, test = tiny_folder
     (test / "dog" / "img_001.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
     (train / "cat" / "img_004.png").write_bytes(b"")
@@ -143,7 +150,7 @@ def test_undecodable_images_are_skipped_and_listed(cfg, tiny_folder):
     assert run.features("test").shape[0] == 11 and np.isfinite(run.features("test")).all()
     # images after the gap still map to their own files
     img = run.images(["test/dog/img_002.png"])[0]
-    from hardprobe.data import read_image
+    from hardprobe.data.datasets import read_image
     assert (img == read_image(test / "dog" / "img_002.png")).all()
     with pytest.raises(DataError, match="strict"):
         pipeline.run(replace(cfg, strict=True), progress=False)
@@ -152,9 +159,10 @@ def test_undecodable_images_are_skipped_and_listed(cfg, tiny_folder):
 def test_rerun_skips_classify_unless_its_inputs_change(cfg, monkeypatch):
     from dataclasses import replace
     pipeline.run(cfg, progress=False)
+    import hardprobe.stages.classify as C
     calls = []
-    real = pipeline.classify
-    monkeypatch.setattr(pipeline, "classify", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = C.classify
+    monkeypatch.setattr(C, "classify", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     pipeline.run(cfg, progress=False)
     assert calls == [] and "hardness" in hardprobe.load_run(cfg.out).examples
     pipeline.run(replace(cfg, k=3), progress=False)
@@ -168,8 +176,8 @@ def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
     for f in ["similarity/neighbors.parquet", "similarity/map2d.parquet", "explain/cams.npz",
               "explain/meta.json", "report.html"]:
         assert (out / f).exists(), f
-    import hardprobe.explain as E
-    import hardprobe.similarity as S
+    import hardprobe.stages.explain.stage as E
+    import hardprobe.stages.similarity as S
     monkeypatch.setattr(E, "explain_run", lambda *a, **k: pytest.fail("explain recomputed"))
     monkeypatch.setattr(S, "similarity_run", lambda *a, **k: pytest.fail("similarity recomputed"))
     import hardprobe.report as R
@@ -178,32 +186,36 @@ def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
     monkeypatch.setattr(R, "write_report", lambda *a, **k: (drawn.append(1), real(*a, **k))[1])
     pipeline.run(full, progress=False)
     assert not drawn  # nothing changed: the report stands
-    from hardprobe.finetune import finetune_run
+    from hardprobe.stages.finetune.stage import finetune_run
     finetune_run(out, mode="head", epochs=1, aum_runs=0, progress=False)
     pipeline.run(full, progress=False)
     assert drawn == [1]  # a stage run alone (finetune) changes the report: redrawn
     assert "finetune" in (out / "report.html").read_text().lower()
 
 
-def test_reclassify_keeps_columns_of_later_stages(cfg):
+def test_reclassify_drops_the_stale_columns_of_later_stages(cfg):
     from dataclasses import replace
-
-    from hardprobe.run import write_examples
     out = pipeline.run(cfg, progress=False)
-    ex = hardprobe.load_run(out).examples
-    ex["prediction_depth"] = np.arange(len(ex), dtype=float)
-    write_examples(out, ex)
-    pipeline.classify(out, replace(cfg, k=3, heads=["knn"]))
-    again = hardprobe.load_run(out).examples
-    assert (again["prediction_depth"].to_numpy() == np.arange(len(ex))).all()
-    assert "pred_linear" not in again.columns  # classify's own columns are replaced
+    run = hardprobe.load_run(out)
+    depth = run.examples[["id"]].assign(prediction_depth=np.arange(len(run.examples), dtype=float))
+    run.join("depth", depth)
+    run.stamp("depth", "depth-inputs")
+    pipeline.classify(out, replace(cfg, seed=cfg.seed))  # same inputs: depth stays
+    assert "prediction_depth" in hardprobe.load_run(out).examples
+    pipeline.classify(out, replace(cfg, k=3, heads=["knn"]))  # other heads: depth is stale
+    again = hardprobe.load_run(out)
+    assert "prediction_depth" not in again.examples.columns
+    assert "depth" not in again.stamps() and "classify" in again.stamps()
+    assert "pred_linear" not in again.examples.columns  # classify's own columns are replaced
 
 
 def test_single_class_train_and_empty_test_are_named_before_extraction(tmp_path, monkeypatch):
     import shutil
-    import hardprobe.features as F
-    from hardprobe.data import DataError
+
     from conftest import make_folder
+
+    import hardprobe.stages.extract.features as F
+    from hardprobe.errors import DataError
     monkeypatch.setattr(F, "_compute", lambda *a, **k: pytest.fail("extracted before the check"))
     train = make_folder(tmp_path / "train", 4, 0)
     for d in train.iterdir():
@@ -227,7 +239,8 @@ def test_single_class_train_and_empty_test_are_named_before_extraction(tmp_path,
 
 def test_planted_label_noise_is_a_known_answer(cfg):
     import dataclasses
-    from hardprobe.data import plant_label_noise
+
+    from hardprobe.data.datasets import plant_label_noise
     noisy = dataclasses.replace(cfg, label_noise=0.25, seed=3)
     out = pipeline.run(noisy, progress=False)
     ex = hardprobe.load_run(out).examples
@@ -269,3 +282,32 @@ def test_faiss_knn_backend_gives_the_torch_heads_result(cfg):
         assert m["backend"] == "faiss" and m["index"] == extra.get("knn_index", "flat")
     with pytest.raises(Exception, match="knn_backend: faiss"):
         build_config(model="cifar_resnet20", knn_index="ivf")
+
+
+def test_every_stage_writes_what_the_stage_table_declares(cfg):
+    """Each stage's columns and files are declared in rundir.layout.STAGES, and a stage's
+    columns are exactly those of the stages that ran (no column without an owner)."""
+    from dataclasses import replace
+
+    from hardprobe.rundir import layout
+    from hardprobe.stages.depth import depth_run
+    from hardprobe.stages.finetune import finetune_run
+    out = pipeline.run(replace(cfg, similarity=True, top=2, report=True, map_method="pca"),
+                       progress=False)
+    depth_run(out, progress=False)
+    finetune_run(out, mode="head", epochs=1, aum_runs=0, progress=False)
+    run = hardprobe.load_run(out)
+    owners = {c: layout.owner(c) for c in run.examples.columns}
+    assert None not in owners.values(), [c for c, o in owners.items() if o is None]
+    assert set(owners.values()) == {"extract", "classify", "depth", "finetune"}
+    declared = {f.rstrip("/") for s in layout.STAGES.values() for f in s.files}
+    declared |= {layout.TABLE, "examples.csv", layout.STAMPS, ".run.lock"}
+    written = {p.name for p in out.iterdir()}
+    assert written <= declared, written - declared
+    assert {"classify", "similarity", "explain", "report"} <= set(run.stamps())
+    for stage in ("depth", "finetune"):  # a stage run alone replaces only its own columns
+        before = run.examples.drop(columns=[c for c in run.examples if owners[c] == stage])
+        run.join(stage, run.examples[["id"]])
+        after = hardprobe.load_run(out).examples
+        assert not any(layout.STAGES[stage].owns(c) for c in after.columns)
+        pd.testing.assert_frame_equal(after, before)

@@ -16,14 +16,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_folder
 from PIL import Image
 
 import hardprobe
+import hardprobe.errors
 from hardprobe import pipeline
 from hardprobe.config import build_config
 from hardprobe.report import write_report
-
-from conftest import make_folder
 
 EVIL = "<script>alert(1)"  # a class (folder) name that must never reach the page raw
 CLASSES = {"cat": (200, 40, 40), "dog": (40, 200, 40), EVIL: (40, 40, 200)}
@@ -263,7 +263,7 @@ def test_report_to_another_path_and_bad_dirs(run_dir, tmp_path):
     with pytest.warns(UserWarning, match="explain/ could not be read"):
         text = write_report(run_dir, top=2).read_text()
     assert "explain: not computed" in text and "could not be read" in text
-    with pytest.raises(hardprobe.run.RunDirError):
+    with pytest.raises(hardprobe.errors.RunDirError):
         write_report(tmp_path / "nothing")
 
 
@@ -271,8 +271,8 @@ def test_report_without_the_dataset_images(run_dir, monkeypatch):
     """Images moved away: the report still renders, from explain's images, with a warning."""
     add_explain(run_dir)
     def gone(self):
-        raise hardprobe.run.RunDirError("the images of split 'test' changed since this run")
-    monkeypatch.setattr(hardprobe.run.Run, "dataset", gone)
+        raise hardprobe.errors.RunDirError("the images of split 'test' changed since this run")
+    monkeypatch.setattr(hardprobe.Run, "dataset", gone)
     text = write_report(run_dir, top=4).read_text()
     assert "could not be opened" in text
     page = check_self_contained(text)
@@ -293,8 +293,8 @@ def test_report_stays_bounded_at_10000_examples(run_dir, monkeypatch):
     big["label_quality"] = rng.random(n)
     big["pred_linear"] = rng.integers(0, 3, n)
     pd.concat([ex[ex["split"] == "train"], big]).to_parquet(run_dir / "examples.parquet")
-    monkeypatch.setattr(hardprobe.run.Run, "dataset", lambda self: None)
-    monkeypatch.setattr(hardprobe.run.Run, "images", lambda self, ids: [
+    monkeypatch.setattr(hardprobe.Run, "dataset", lambda self: None)
+    monkeypatch.setattr(hardprobe.Run, "images", lambda self, ids: [
         torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in ids])
     text = write_report(run_dir, top=24, max_rows=200).read_text()
     assert "showing 24 of 10,000 test examples" in text
@@ -363,7 +363,7 @@ def test_summary_counts_skipped_images(tmp_path):
 # ---------------------------------------------------------------- fine-tuning section
 def add_finetune(run_dir: Path) -> None:
     """RUN_DIR/finetune/ from the real stage (a quick head fine-tune), with 3 planted flips."""
-    from hardprobe.finetune import finetune_run
+    from hardprobe.stages.finetune.stage import finetune_run
     ex = pd.read_parquet(run_dir / "examples.parquet")
     ex["planted_noise"] = False
     ex.loc[ex.index[ex["split"] == "train"][:3], "planted_noise"] = True

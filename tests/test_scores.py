@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pandas as pd
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -14,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.model_selection import cross_val_predict
 
-from hardprobe import scores as S
+from hardprobe.scoring import scores as S
 
 # ----------------------------------------------------------------------------- hand-computed
 # 3 classes, 4 examples.

@@ -5,15 +5,16 @@ import warnings
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_folder
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import silhouette_score
 
 import hardprobe
-from hardprobe import pipeline, similarity as sim
+from hardprobe import pipeline
 from hardprobe.config import build_config
-from hardprobe.run import save_array, write_examples, write_json
-
-from conftest import make_folder
+from hardprobe.core.io import write_json
+from hardprobe.rundir.run import save_array, write_examples
+from hardprobe.stages import similarity as sim
 
 
 # ------------------------------------------------------------------ helpers

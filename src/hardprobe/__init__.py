@@ -6,6 +6,6 @@
 """
 __version__ = "0.1.0"
 
-from .run import Run, load_run  # noqa: E402
+from .rundir.run import Run, load_run  # noqa: E402
 
 __all__ = ["Run", "__version__", "load_run"]

@@ -10,7 +10,8 @@ import dataclasses
 import sys
 import typing
 
-from .config import ConfigError, RunConfig, build_config
+from .config import RunConfig, build_config
+from .errors import HardprobeError
 
 HELP = {
     "model": "backbone name (see `hardprobe models`), e.g. cifar_resnet56, resnet50, timm:<name>",
@@ -221,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: finished shards are kept; rerun the same command to resume",
               file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError) as e:
+    except HardprobeError as e:  # expected: one line with the fix; anything else is a bug
         print(f"hardprobe {ns.command}: error: {e}", file=sys.stderr)
         return 2
 
@@ -233,7 +234,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         cfg = _config_from(ns)
         stage = pipeline.run if ns.command == "run" else pipeline.extract
         out = stage(cfg, progress=not ns.no_progress)
-        from .distributed import env_context
+        from .core.distributed import env_context
         if not env_context().main:  # under torchrun rank 0 reports for all
             return 0
         print(f"wrote {out}")
@@ -241,7 +242,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
             _print_summary(out)
     elif ns.command == "classify":
         from .config import load_config
-        from .run import load_run
+        from .rundir.run import load_run
         run = load_run(ns.run_dir)
         cfg = _config_from(ns, load_config(run.path / "config.yaml"))
         pipeline.classify(run.path, cfg)
@@ -249,25 +250,25 @@ def _dispatch(ns: argparse.Namespace) -> int:
     elif ns.command == "rank":
         df = pipeline.rank(ns.run_dir, top=ns.top, split=None if ns.split == "all" else ns.split,
                            by=ns.by)
-        from .run import load_run
+        from .rundir.run import load_run
         _print_rank(df, load_run(ns.run_dir).class_names)
     elif ns.command == "explain":
-        from .explain import explain_run
-        from .features import resolve_device
+        from .core.device import resolve_device
+        from .stages.explain.stage import explain_run
         out = explain_run(ns.run_dir, ids=ns.ids, top=ns.top, split=ns.split, method=ns.method,
                           layer=ns.layer, fast=not ns.no_fast, batch_size=ns.batch_size,
                           device=str(resolve_device(ns.device)))
         print(f"wrote {out}")
     elif ns.command == "similarity":
-        from .similarity import similarity_run
+        from .stages.similarity import similarity_run
         print(f"wrote {similarity_run(ns.run_dir, top=ns.top, k=ns.k, split=ns.split, map_method=ns.map_method)}")
     elif ns.command == "cka":
-        from .run import load_run
-        from .similarity import cka_runs
+        from .rundir.run import load_run
+        from .stages.similarity import cka_runs
         print(f"linear CKA ({ns.split}): {cka_runs(load_run(ns.run_a), load_run(ns.run_b), split=ns.split):.4f}")
     elif ns.command == "perturb":
-        from .features import resolve_device
-        from .perturb import perturb_run
+        from .core.device import resolve_device
+        from .stages.perturb import perturb_run
         out = perturb_run(ns.run_dir, subset=ns.subset or None, corruptions=ns.corruptions,
                           severities=tuple(ns.severities), seed=ns.seed,
                           occlusion=not ns.no_occlusion, blend=not ns.no_blend,
@@ -275,7 +276,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
                           batch_size=ns.batch_size)
         print(f"wrote {out}")
     elif ns.command == "finetune":
-        from .finetune import finetune_run
+        from .stages.finetune.stage import finetune_run
         out = finetune_run(ns.run_dir, mode=ns.mode, epochs=ns.epochs, batch_size=ns.batch_size,
                            lr=ns.lr, optimizer=ns.optimizer, weight_decay=ns.weight_decay,
                            momentum=ns.momentum, warmup_epochs=ns.warmup_epochs,
@@ -287,13 +288,13 @@ def _dispatch(ns: argparse.Namespace) -> int:
                            progress=not ns.no_progress)
         print(f"wrote {out}")
     elif ns.command == "depth":
-        from .depth import depth_run
-        from .features import resolve_device
+        from .core.device import resolve_device
+        from .stages.depth import depth_run
         out = depth_run(ns.run_dir, subset=ns.subset, k=ns.k, token_pool=ns.token_pool,
                         device=str(resolve_device(ns.device)), batch_size=ns.batch_size)
         print(f"wrote {out}")
     elif ns.command == "compare":
-        from .compare import compare_runs
+        from .stages.compare import compare_runs
         out = compare_runs(ns.run_a, ns.run_b, out=ns.out, split=ns.split, quantile=ns.quantile,
                            top=ns.top)
         print(f"wrote {out / 'compare.html'}")
@@ -311,8 +312,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
         env = environment()
         print(json.dumps(env, indent=2) if ns.json else report(env))
     elif ns.command == "layers":
-        from .backbones import create_backbone
-        from .backbones.registry import list_layers
+        from .backbones import create_backbone, list_layers
         bb = create_backbone(ns.model, random_init=True)
         print(f"# {ns.model}: Grad-CAM layer by default: {bb.cam_layer}")
         for name in list_layers(bb):
@@ -321,7 +321,7 @@ def _dispatch(ns: argparse.Namespace) -> int:
 
 
 def _print_summary(run_dir) -> None:
-    from .run import load_run
+    from .rundir.run import load_run
     m = load_run(run_dir).metrics
     for head, per_split in m.get("heads", {}).items():
         accs = ", ".join(f"{s} {v['accuracy']:.2%}" for s, v in per_split.items())

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import yaml
 
-
-class ConfigError(ValueError):
-    pass
+from .errors import ConfigError
 
 
 @dataclass
@@ -140,6 +138,8 @@ def _check_consistency(cfg: RunConfig) -> None:
                           f"{cfg.label_noise}")
     if cfg.top < 0:
         raise ConfigError("top must be >= 0 (0 skips explain)")
+    if cfg.issue_head not in ("knn", "linear", "model"):
+        raise ConfigError(f"issue_head must be knn, linear or model, not {cfg.issue_head!r}")
     if cfg.knn_weights not in ("exp", "uniform"):
         raise ConfigError(f"knn_weights must be exp or uniform, not {cfg.knn_weights!r}")
     for name in ("k", "batch_size", "folds", "shard_size"):
@@ -148,7 +148,7 @@ def _check_consistency(cfg: RunConfig) -> None:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    from .cache import atomic_write_text
+    from .core.io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

@@ -17,8 +17,8 @@ PACKAGES = ("torch", "torchvision", "timm", "grad-cam", "cleanlab", "scikit-lear
 def environment() -> dict:
     import torch
 
-    from .cache import default_cache_dir
-    from .features import cpu_has_bf16_units, resolve_device
+    from .core.cache import default_cache_dir
+    from .core.device import cpu_has_bf16_units, resolve_device
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -16,25 +16,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import (
+    UntrustedWeightsError,
+    WeightsError,
+    WeightsMismatchError,
+    WeightsUnavailableError,
+)
+
 _CHUNK = 1 << 20
 _HASH_CACHE: dict[tuple[str, int, int], str] = {}
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The weights are neither on disk nor downloadable; the message says how to fix it."""
-
-
-class WeightsError(RuntimeError):
-    """A weights file exists but cannot be used (corrupt, untrusted, wrong model, bad hash)."""
-
-
-class UntrustedWeightsError(WeightsError):
-    """The file needs full unpickling, which runs arbitrary code; refused unless trusted."""
-
-
-class WeightsMismatchError(WeightsError):
-    """The file's tensors do not fit the model (missing/unexpected keys, wrong shapes)."""
 
 
 # ---------------------------------------------------------------------------- hashing

@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from . import _weights
+from ._registry import Backbone, register
 from .preprocess import Preprocess
-from .registry import Backbone, register
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -65,7 +66,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int, num_classes: int = 10):
         super().__init__()
         if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+            raise ConfigError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.depth = depth
         self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
@@ -115,7 +116,7 @@ def _factory(depth: int):
     def build(name: str, *, weights: str | None, weights_tag: str | None, random_init: bool,
               image_size: int | None, trust_weights: bool = False) -> Backbone:
         if weights_tag is not None:
-            raise ValueError(f"{name} has one published set of weights; weights_tag "
+            raise ConfigError(f"{name} has one published set of weights; weights_tag "
                              f"{weights_tag!r} is not supported (use --weights FILE)")
         with _weights.seeded(0) as seed_id:
             model = CifarResNet(depth)

@@ -13,6 +13,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Preprocess:
@@ -50,7 +52,7 @@ class Preprocess:
         crop_pct = float(data_config.get("crop_pct", 1.0) or 1.0)
         mode = data_config.get("crop_mode", "center")
         if mode not in ("center", None):
-            raise ValueError(f"timm crop_mode {mode!r} is not supported; only 'center' is")
+            raise ConfigError(f"timm crop_mode {mode!r} is not supported; only 'center' is")
         return cls(
             resize_size=int(round(size / crop_pct)),
             crop_size=size,
@@ -80,7 +82,7 @@ class Preprocess:
     def geometric(self, img: torch.Tensor) -> torch.Tensor:
         """Resize and centre-crop, staying uint8 (cheap to batch, move and pin)."""
         if img.dtype != torch.uint8:
-            raise TypeError(f"Preprocess expects uint8 images, got {img.dtype}")
+            raise ConfigError(f"Preprocess expects uint8 images, got {img.dtype}")
         x = img
         if self.resize_size is not None:
             x = TF.resize(x, [self.resize_size], interpolation=InterpolationMode(self.interpolation),
@@ -92,7 +94,7 @@ class Preprocess:
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 (x / 255 - mean) / std in one batched step, on x's device."""
         if x.dtype != torch.uint8:
-            raise TypeError(f"Preprocess expects uint8 images, got {x.dtype}")
+            raise ConfigError(f"Preprocess expects uint8 images, got {x.dtype}")
         # (x/255 - m)/s == x * (1/(255 s)) - m/s : one multiply-add per pixel
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], device=x.device)
         shift = torch.tensor([m / s for m, s in zip(self.mean, self.std)], device=x.device)

@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, UnknownModelError
 from . import _weights
+from ._registry import Backbone, register
 from .preprocess import Preprocess
-from .registry import Backbone, UnknownModelError, register
 from .torchvision_models import tokens_to_grid
 
 PREFIX = "timm:"
@@ -49,7 +50,7 @@ class _TokenGrid:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         extra = tokens.shape[1] - self.grid[0] * self.grid[1]
         if extra != self.num_prefix_tokens:
-            raise ValueError(f"expected {self.num_prefix_tokens} prefix tokens before a "
+            raise ConfigError(f"expected {self.num_prefix_tokens} prefix tokens before a "
                              f"{self.grid[0]}x{self.grid[1]} grid, got {tokens.shape[1]} tokens")
         return tokens_to_grid(tokens, self.grid)
 
@@ -170,7 +171,7 @@ def _cam_and_depth(model: nn.Module) -> tuple[str, object, list[str]]:
     else:  # no feature_info: the last conv is as good a guess as any
         convs = [n for n, m in modules.items() if isinstance(m, nn.Conv2d)]
         if not convs:
-            raise ValueError(f"cannot choose a CAM layer for {type(model).__name__}; "
+            raise ConfigError(f"cannot choose a CAM layer for {type(model).__name__}; "
                              f"pick one with `hardprobe layers`")
         cam, depth = convs[-1], convs
     reshape = _nhwc_to_nchw if getattr(model, "output_fmt", "NCHW") == "NHWC" else None
@@ -206,7 +207,7 @@ def _build(name: str, *, weights: str | None, weights_tag: str | None, random_in
     model_name = name[len(PREFIX):]
     if weights_tag:
         if "." in model_name:
-            raise ValueError(f"{name} already names its weights tag; drop weights_tag {weights_tag!r}")
+            raise ConfigError(f"{name} already names its weights tag; drop weights_tag {weights_tag!r}")
         model_name = f"{model_name}.{weights_tag}"
     if not model_name or not timm.is_model(model_name):
         raise _unknown(model_name)
@@ -220,7 +221,7 @@ def _build(name: str, *, weights: str | None, weights_tag: str | None, random_in
             model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
         except TypeError as e:
             if "img_size" in kwargs and "img_size" in str(e):
-                raise ValueError(f"{name} has a fixed input size and does not accept "
+                raise ConfigError(f"{name} has a fixed input size and does not accept "
                                  f"image_size={image_size}") from e
             raise
         except Exception as e:

@@ -19,9 +19,10 @@ import torch
 from torchvision import models as tvm
 from torchvision.models.vision_transformer import interpolate_embeddings
 
+from ..errors import ConfigError
 from . import _weights
+from ._registry import Backbone, register
 from .preprocess import Preprocess
-from .registry import Backbone, register
 
 # ---------------------------------------------------------------------------- forwards
 
@@ -51,7 +52,7 @@ def tokens_to_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     n, seq, c = tokens.shape
     prefix = seq - h * w
     if prefix < 0:
-        raise ValueError(f"{seq} tokens cannot hold a {h}x{w} patch grid")
+        raise ConfigError(f"{seq} tokens cannot hold a {h}x{w} patch grid")
     return tokens[:, prefix:, :].reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -100,7 +101,7 @@ def _resolve_tag(enum, tag: str | None, name: str):
     try:
         return enum[tag]
     except KeyError:
-        raise ValueError(f"{name} has no weights {tag!r}; choose one of "
+        raise ConfigError(f"{name} has no weights {tag!r}; choose one of "
                          f"{', '.join(w.name for w in enum)}") from None
 
 
@@ -141,7 +142,7 @@ def _build_vit_b_16(name: str, *, weights: str | None, weights_tag: str | None, 
     native = int(tvw.meta["min_size"][0])
     size = native if image_size is None else int(image_size)
     if size % 16:
-        raise ValueError(f"{name}: image_size must be a multiple of the patch size 16, got {size}")
+        raise ConfigError(f"{name}: image_size must be a multiple of the patch size 16, got {size}")
     sd, path = (None, None) if random_init else _state_dict(tvw, weights, trust_weights)
     with _weights.seeded(0) as wid, _weights.on_meta_if(sd is not None):
         model = tvm.vit_b_16(weights=None, image_size=size)  # on meta when weights follow

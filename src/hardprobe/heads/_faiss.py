@@ -16,8 +16,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .knn import (_check_finite, _check_n_features, _check_shape, _release_pages, block_budget,
-                  stream_rows)
+from ..errors import HeadError
+from . import _arrays
+from ._arrays import (
+    _check_finite,
+    _check_n_features,
+    _check_shape,
+    _release_pages,
+)
 
 _NLIST_CAP = 65536  # default nlist = 4 sqrt(N), at most this and at most N / 39 (see _nlist)
 _TRAIN_PER_LIST = 40  # IVF quantizer training sample: 40 rows per list (faiss warns below 39)
@@ -25,7 +31,7 @@ _TRAIN_PER_LIST = 40  # IVF quantizer training sample: 40 rows per list (faiss w
 
 def chunk_rows(knn):
     """Rows read per chunk: chunk_size, or stream_rows() of the feature width."""
-    return int(knn.chunk_size or stream_rows(knn.n_features_in_))
+    return int(knn.chunk_size or _arrays.stream_rows(knn.n_features_in_))
 
 
 def fit_index(knn, X):
@@ -57,7 +63,7 @@ def training_sample(knn, X):
     m = min(N, 40 nlist), at most block_budget() bytes (but at least nlist rows)."""
     n, d = X.shape
     m = min(n, _TRAIN_PER_LIST * knn.nlist_,
-            max(knn.nlist_, block_budget() // (4 * d)))
+            max(knn.nlist_, _arrays.block_budget() // (4 * d)))
     rows = np.sort(np.random.default_rng(knn.seed).choice(n, m, replace=False))
     sample = np.empty((m, d), np.float32)
     step = chunk_rows(knn)
@@ -89,7 +95,7 @@ def queries(knn, X, exclude_self):
     if X is None:
         return knn._fit_X
     if exclude_self:
-        raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
+        raise HeadError("exclude_self=True needs X=None (queries must be the training set)")
     X = _check_shape(X, "X", allow_empty=True)  # finiteness: chunk by chunk
     return _check_n_features(X, knn.n_features_in_)
 
@@ -134,7 +140,7 @@ def _nlist(nlist, n):
     if nlist is None:
         return max(1, min(int(4 * math.sqrt(n)), n // 39, _NLIST_CAP))
     if nlist > n:
-        raise ValueError(f"nlist={nlist} is larger than the {n} training examples: every IVF "
+        raise HeadError(f"nlist={nlist} is larger than the {n} training examples: every IVF "
                          "list needs at least one (lower nlist, or use index='flat')")
     return int(nlist)
 

@@ -14,16 +14,22 @@ input validation at the bottom, which is shared with `linear.py`).
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
-import sys
-
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
+
+from ..errors import HeadError
+from . import _arrays
+from ._arrays import (
+    _check_features,
+    _check_labels,
+    _check_n_features,
+    _check_shape,
+    _is_int,
+    _normalise,
+    _resolve_n_classes,
+)
 
 _WEIGHTS = ("exp", "uniform")
 _INDEXES = ("flat", "ivf", "ivf_fp16")
@@ -39,11 +45,11 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
 
     backend="torch": fit keeps an L2-normalised float32 copy of X on `device`; the search is a
     chunked matmul + top-k. chunk_size: queries per matmul; None derives it from the memory
-    available (block_budget(): an eighth of it, 64 MB to 1 GB, for the (chunk, n_train) block).
+    available (_arrays.block_budget(): an eighth of it, 64 MB to 1 GB, for the (chunk, n_train) block).
 
     backend="faiss" (needs `pip install faiss-cpu`, or the hardprobe[faiss] extra; faiss-gpu
     is used when it is installed, sees a GPU and device is cuda): fit reads X chunk_size rows
-    at a time (None: stream_rows(), 4 to 64 MB of float32 rows), normalises each chunk and
+    at a time (None: _arrays.stream_rows(), 4 to 64 MB of float32 rows), normalises each chunk and
     adds it to a FAISS index; X may be a np.memmap or np.load(..., mmap_mode="r") array and
     no full float32 copy of it is ever made. Queries are read the same way, and X=None
     re-reads the training array given to fit (kept by reference, not copied). index:
@@ -55,7 +61,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
                   QT_fp16): half the memory of "ivf"; similarities exact to ~1e-3. Training
                   holds FAISS's residual copy of the sample too (2x the sample, briefly).
     The IVF quantizer is trained (spherical k-means, faiss's 10 iterations) on
-    min(N, 40 nlist) rows drawn with `seed` (also k-means' seed), at most block_budget()
+    min(N, 40 nlist) rows drawn with `seed` (also k-means' seed), at most _arrays.block_budget()
     bytes of them, so refits with the same seed give the same index. A query whose nprobe
     lists hold fewer than k (+1 when leaving itself out) rows is searched again with nprobe
     doubled until it has k neighbours, so every row of the output is filled.
@@ -105,7 +111,9 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.y_fit_ = y
         self._train = self.index_ = self.nlist_ = self._fit_X = None  # drop a previous fit's data
         if faiss_backend:
-            from . import _faiss  # here, not at the top: _faiss imports this module's helpers
+            from . import (
+                _faiss,  # here, not at the top: _faiss imports this module's helpers
+            )
             _faiss.fit_index(self, X)
             self._labels = torch.from_numpy(y)  # votes are counted on the CPU
             return self
@@ -151,26 +159,26 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
 
     def _check_params(self):
         if not (_is_int(self.k) and self.k >= 1):
-            raise ValueError(f"k must be a positive integer, got {self.k!r}")
+            raise HeadError(f"k must be a positive integer, got {self.k!r}")
         if self.weights not in _WEIGHTS:
-            raise ValueError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
+            raise HeadError(f"weights must be one of {_WEIGHTS}, got {self.weights!r}")
         if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+            raise HeadError(f"temperature must be > 0, got {self.temperature!r}")
         if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+            raise HeadError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.backend not in ("torch", "faiss"):
-            raise ValueError(f"backend must be torch or faiss, got {self.backend!r}")
+            raise HeadError(f"backend must be torch or faiss, got {self.backend!r}")
         if self.chunk_size is not None and not self.chunk_size >= 1:
-            raise ValueError(f"chunk_size must be None or >= 1, got {self.chunk_size!r}")
+            raise HeadError(f"chunk_size must be None or >= 1, got {self.chunk_size!r}")
         if self.index not in _INDEXES:
-            raise ValueError(f"index must be one of {_INDEXES}, got {self.index!r}")
+            raise HeadError(f"index must be one of {_INDEXES}, got {self.index!r}")
         if self.index != "flat" and self.backend != "faiss":
-            raise ValueError(f"index={self.index!r} needs backend='faiss' (the torch backend "
+            raise HeadError(f"index={self.index!r} needs backend='faiss' (the torch backend "
                              "is exact, as index='flat')")
         if self.nlist is not None and not (_is_int(self.nlist) and self.nlist >= 1):
-            raise ValueError(f"nlist must be None or a positive integer, got {self.nlist!r}")
+            raise HeadError(f"nlist must be None or a positive integer, got {self.nlist!r}")
         if not (_is_int(self.nprobe) and self.nprobe >= 1):
-            raise ValueError(f"nprobe must be a positive integer (IVF lists scanned per query), "
+            raise HeadError(f"nprobe must be a positive integer (IVF lists scanned per query), "
                              f"got {self.nprobe!r}")
 
     def _vote_weights(self, sims):
@@ -184,13 +192,15 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         """Top-k (sims, indices) as torch tensors on self.device (on the CPU for faiss)."""
         check_is_fitted(self, "n_samples_fit_")
         if self.backend == "faiss":
-            from . import _faiss  # here, not at the top: _faiss imports this module's helpers
+            from . import (
+                _faiss,  # here, not at the top: _faiss imports this module's helpers
+            )
             source = _faiss.queries(self, X, exclude_self)
         else:
             queries, self_rows = self._queries(X, exclude_self)
         n_avail = self.n_samples_fit_ - (1 if exclude_self else 0)
         if self.k > n_avail:
-            raise ValueError(
+            raise HeadError(
                 f"k={self.k} is larger than the {n_avail} training examples available"
                 + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
         if self.backend == "faiss":
@@ -198,7 +208,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
         per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
                      2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
-        chunk = self.chunk_size or max(1, block_budget() // per_query)
+        chunk = self.chunk_size or max(1, _arrays.block_budget() // per_query)
         sims, idx = [], []
         train_lo = self._train.bfloat16() if self.precision == "bf16" else None
         with torch.inference_mode():
@@ -237,128 +247,15 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         if X is None:
             return self._train, exclude_self
         if exclude_self:
-            raise ValueError("exclude_self=True needs X=None (queries must be the training set)")
+            raise HeadError("exclude_self=True needs X=None (queries must be the training set)")
         X = _check_n_features(_check_features(X, "X", allow_empty=True), self.n_features_in_)
         return _normalise(X, self.device), False
 
 
-def block_budget() -> int:
-    """Bytes for one similarity block: an eighth of the memory available now, 64 MB to 1 GB."""
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this platform
-        avail = 2**31
-    return int(min(max(avail // 8, 64 * 2**20), 2**30))
 
 
-def stream_rows(n_features: int) -> int:
-    """Rows per chunk when features are streamed (faiss backend, finiteness checks):
-    block_budget() / 16, i.e. 4 to 64 MB, of float32 rows. Bigger chunks are no faster:
-    FAISS blocks its own work, and the chunk only has to amortise per-call overhead."""
-    return max(1, block_budget() // 16 // (4 * max(1, n_features)))
-
-
-
-def _normalise(X, device):
-    # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
-    return F.normalize(torch.as_tensor(X, dtype=torch.float32, device=device), dim=1)
-
-
-
-_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)
-_libc = None
-
-
-def _release_pages(part):
-    """Drop the pages of `part`, a slice of a read-only np.memmap, from this process's
-    resident set (madvise MADV_DONTNEED: the file's pages stay in the OS page cache and a
-    later access maps them again). Reading a large memmap chunk by chunk then keeps one chunk
-    resident, not the whole file. A no-op for anything else, and off Linux."""
-    global _libc
-    if (_MADV_DONTNEED is None or not sys.platform.startswith("linux")
-            or not isinstance(part, np.memmap) or part.mode != "r"  # "r": shared, read-only
-            or not part.flags.c_contiguous or part.nbytes == 0):
-        return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    start = part.ctypes.data // mmap.PAGESIZE * mmap.PAGESIZE
-    _libc.madvise(start, part.ctypes.data + part.nbytes - start, _MADV_DONTNEED)  # best effort
-
-
-def _is_int(v):
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 # -- input validation shared by the heads ------------------------------------------------
 
-def _check_features(X, name="X", *, allow_empty=False):
-    """Float (N, D) array with only finite values; raises ValueError otherwise."""
-    X = _check_shape(np.asarray(X), name, allow_empty=allow_empty)  # a memmap: a plain view
-    _check_finite(X, name)
-    return X
 
-
-def _check_n_features(X, n_features: int, fitted: str = "classifier"):
-    """X unchanged when it has the n_features columns the estimator was fitted with."""
-    if X.shape[1] != n_features:
-        raise ValueError(f"X has {X.shape[1]} features, but the {fitted} was fitted with "
-                         f"{n_features}")
-    return X
-
-
-def _check_shape(X, name="X", *, allow_empty=False):
-    """X as a numpy (N, D) array of numbers, without reading its values (a np.memmap stays
-    one)."""
-    X = X if isinstance(X, np.ndarray) else np.asarray(X)
-    if X.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (N, D) feature array, got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.floating) or np.issubdtype(X.dtype, np.integer)):
-        raise ValueError(f"{name} must hold numbers, got dtype {X.dtype}")
-    if len(X) == 0 and not allow_empty:
-        raise ValueError(f"{name} is empty (0 rows)")
-    return X
-
-
-def _check_finite(X, name="X", rows=None):
-    """Raise ValueError naming the count and first rows of NaN/Inf values; X is read `rows`
-    rows at a time (None: stream_rows()), so a memory map is never read whole."""
-    rows = rows or stream_rows(X.shape[1])
-    n_bad, bad_rows = 0, []
-    for start in range(0, len(X), rows):
-        part = X[start:start + rows]
-        bad = ~np.isfinite(part)
-        _release_pages(part)
-        if bad.any():
-            n_bad += int(bad.sum())
-            bad_rows.append(start + np.flatnonzero(bad.any(1)))
-    if n_bad:
-        bad_rows = np.concatenate(bad_rows)
-        raise ValueError(f"{name} contains {n_bad} NaN/Inf values in {len(bad_rows)} rows; "
-                         f"first rows: {bad_rows[:10].tolist()}")
-
-
-def _check_labels(y, n_rows):
-    """(N,) int64 labels >= 0 matching the feature rows."""
-    y = np.asarray(y)
-    if y.ndim != 1 or len(y) != n_rows:
-        raise ValueError(f"y must be 1-D with one label per row of X ({n_rows}), "
-                         f"got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"y must hold integer class labels in [0, n_classes), got dtype {y.dtype}")
-    if (y < 0).any():
-        i = int(np.flatnonzero(y < 0)[0])
-        raise ValueError(f"y must be in [0, n_classes); found label {y[i]} at row {i}")
-    return y.astype(np.int64)
-
-
-def _resolve_n_classes(y, n_classes):
-    """n_classes if given (checked against y), else max(y) + 1."""
-    top = int(y.max()) + 1 if len(y) else 0
-    if n_classes is None:
-        return top
-    if top > n_classes:
-        i = int(np.flatnonzero(y >= n_classes)[0])
-        raise ValueError(f"label {y[i]} at row {i} is out of range for n_classes={n_classes} "
-                         f"(labels must be in [0, {n_classes}))")
-    return int(n_classes)

@@ -23,7 +23,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
-from .knn import _check_features, _check_n_features, _check_labels, _resolve_n_classes
+from ..errors import HeadError
+from .knn import _check_features, _check_labels, _check_n_features, _resolve_n_classes
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):
@@ -53,7 +54,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         """Fit on (N, D) features and (N,) int labels. n_classes: None means max(y) + 1;
         give it so classes absent from y still get a probability column (always 0)."""
         if not self.C > 0:
-            raise ValueError(f"C must be > 0, got {self.C!r}")
+            raise HeadError(f"C must be > 0, got {self.C!r}")
         X = _check_features(X, "X")
         y = _check_labels(y, len(X))
         self.n_classes_ = _resolve_n_classes(y, n_classes)
@@ -61,7 +62,7 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         present = np.unique(y)  # classes seen in train; only these are fitted
         if len(present) < 2:
-            raise ValueError(f"LinearProbe needs at least 2 classes in y, got only class "
+            raise HeadError(f"LinearProbe needs at least 2 classes in y, got only class "
                              f"{present[0]} ({len(y)} examples)")
         Z = self._standardised(X)  # (N, D) float64, the only full-size copy of X
         target = torch.as_tensor(np.searchsorted(present, y), device=Z.device)  # (N,) 0..P-1

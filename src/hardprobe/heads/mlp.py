@@ -1,5 +1,5 @@
 """An MLP head with dropout on frozen features, trained by SGD or AdamW with a warm-up + cosine
-schedule (`hardprobe.training`): the non-linear alternative to the linear probe.
+schedule (`hardprobe.heads.training`): the non-linear alternative to the linear probe.
 
 Input standardisation (train mean and population std, scale 1 for a constant column) is part
 of the network, so `predict_proba` takes raw features. `hidden=()` gives a plain softmax
@@ -13,8 +13,9 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from ..training import Trainer, predict_logits
-from .knn import _check_features, _check_n_features, _check_labels, _resolve_n_classes
+from ..errors import HeadError
+from .knn import _check_features, _check_labels, _check_n_features, _resolve_n_classes
+from .training import Trainer, predict_logits
 
 
 class MLPNet(nn.Module):
@@ -66,7 +67,7 @@ class MLPHead(ClassifierMixin, BaseEstimator):
 
     Fitted attributes: net_ (MLPNet), n_classes_, classes_, n_features_in_, mean_, scale_,
     history_ (one dict per epoch: loss, acc, lr, ...), dynamics_ ({"prob_given", "correct",
-    "margin"}: (N, epochs) from the training forward passes, see hardprobe.dynamics).
+    "margin"}: (N, epochs) from the training forward passes, see hardprobe.scoring.dynamics).
     """
 
     def __init__(self, *, hidden=(512,), dropout=0.5, epochs=30, batch_size=256, lr=1e-3,
@@ -89,15 +90,15 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, n_classes=None):
         """Fit on (N, D) features and (N,) int labels. n_classes: None means max(y) + 1."""
         if int(self.epochs) < 1 or int(self.batch_size) < 1 or not self.lr > 0:
-            raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got epochs="
+            raise HeadError(f"epochs and batch_size must be >= 1 and lr > 0, got epochs="
                              f"{self.epochs}, batch_size={self.batch_size}, lr={self.lr}")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
+            raise HeadError(f"dropout must lie in [0, 1), got {self.dropout}")
         X = _check_features(X, "X")
         y = _check_labels(y, len(X))
         self.n_classes_ = _resolve_n_classes(y, n_classes)
         if self.n_classes_ < 2:
-            raise ValueError("MLPHead needs at least 2 classes")
+            raise HeadError("MLPHead needs at least 2 classes")
         self.classes_ = np.arange(self.n_classes_)
         self.n_features_in_ = X.shape[1]
         self.mean_, self.scale_ = (standardization(X) if self.standardize else

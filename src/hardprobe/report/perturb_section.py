@@ -15,9 +15,19 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ..run import Run, load_run
+from ..rundir.run import Run, load_run
 from . import plots
-from .template import esc, fmt, img, kv_table, messages, not_computed, pct, table, truncation_note
+from .template import (
+    esc,
+    fmt,
+    img,
+    kv_table,
+    messages,
+    not_computed,
+    pct,
+    table,
+    truncation_note,
+)
 
 OUT_DIR = "perturb"
 STRIP_EXAMPLES = 4  # examples shown as clean-vs-corrupted strips
@@ -281,7 +291,7 @@ def _strips(run: Run, data: dict, primary: str) -> str:
 
 
 def _strip(run: Run, data: dict, r: dict, level: int) -> str:
-    from ..perturb import CIFAR10C, corrupt, example_rng
+    from ..stages.perturb import CIFAR10C, corrupt, example_rng
     s = data["summary"]
     ex_id = str(r["id"])
     clean = plots.to_hwc(run.images([ex_id])[0])

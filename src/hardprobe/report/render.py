@@ -16,10 +16,22 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..cache import atomic_write_text
-from ..run import Run, load_run
+from ..core.io import atomic_write_text
+from ..errors import ConfigError
+from ..rundir.layout import require
+from ..rundir.run import Run, load_run
 from . import plots, sections
-from .template import esc, fmt, img, kv_table, messages, page, pct, table, truncation_note
+from .template import (
+    esc,
+    fmt,
+    img,
+    kv_table,
+    messages,
+    page,
+    pct,
+    table,
+    truncation_note,
+)
 
 HEAD_ORDER = ("model", "linear", "knn")
 SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Confusion"),
@@ -38,7 +50,7 @@ def write_report(run_dir, *, top: int = 24, max_rows: int = 200, out=None) -> Pa
     out: the file to write (a directory gets report.html inside); default RUN_DIR/report.html.
     """
     if top < 0 or max_rows < 1:
-        raise ValueError(f"top must be >= 0 and max_rows >= 1, got top={top}, max_rows={max_rows}")
+        raise ConfigError(f"top must be >= 0 and max_rows >= 1, got top={top}, max_rows={max_rows}")
     ctx = Context(load_run(run_dir), top=top, max_rows=max_rows)
     shown = [(s, b) for s, b in zip(SECTIONS, BUILDERS)
              if s[0] not in OPTIONAL or (ctx.run.path / OPTIONAL[s[0]]).is_dir()]
@@ -66,8 +78,7 @@ class Context:
         self.run, self.top, self.max_rows = run, top, max_rows
         self.ex = run.examples
         self.metrics = run.metrics
-        if "hardness" not in self.ex.columns or not self.metrics.get("heads"):
-            raise ValueError(f"{run.path} has no scores yet; run `hardprobe classify {run.path}`")
+        require(self.ex.columns if self.metrics.get("heads") else (), "report")
         self.prov = run.provenance
         self.names = [str(c) for c in run.class_names]
         hm = self.metrics["heads"]

@@ -317,7 +317,9 @@ def label_issues(ctx) -> str:
     rows = [[ctx.thumb(str(r["id"]), TINY), esc(r["id"]), esc(r["split"]),
              esc(r["label_name"]), esc(ctx.name(r[pred_col])), _sig(r["label_quality"]),
              fmt(r["hardness"])] for r in shown.to_dict("records")]
-    return (f'<p class="caption">Examples whose given label the {esc(head)} head\'s out-of-sample '
+    kind = ("in-sample (the backbone's own classifier: optimistic on the images it was "
+            "trained on)" if head == "model" else "out-of-sample")
+    return (f'<p class="caption">Examples whose given label the {esc(head)} head\'s {kind} '
             "probabilities contradict (confident learning), lowest label quality first: "
             f"{len(flagged):,} flagged of {len(ex):,}.</p>"
             + truncation_note(len(shown), len(flagged), "flagged examples")

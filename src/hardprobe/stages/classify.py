@@ -1,0 +1,200 @@
+"""The classify stage: fit the heads on the train split, score every example of every split
+with out-of-sample probabilities, write the scores into the table and metrics.json."""
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import RunConfig, load_config, save_config
+from ..core.cache import key_digest
+from ..core.device import resolve_device
+from ..core.io import write_json
+from ..core.stats import softmax
+from ..data.datasets import EXAMPLE_COLUMNS
+from ..errors import ConfigError
+from ..heads import KNNClassifier, LinearProbe, cross_val_predict_proba
+from ..rundir.layout import FIT_SPLIT, STAGES
+from ..rundir.run import Run, load_run
+from ..scoring import scores
+from .extract.stage import check_fit_classes
+
+HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
+             "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise")
+
+
+def _classify_key(run: Run, cfg: RunConfig) -> str:
+    """Everything classify's output depends on: the features (cache digests) and head config."""
+    feats = {s: f["key"] for s, f in run.provenance["features"].items()}
+    return key_digest({"features": feats, "heads": {k: getattr(cfg, k) for k in HEAD_KEYS}})
+
+
+
+def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
+    """Fit the heads on the train split and score every example; updates the run dir."""
+    t0 = time.perf_counter()
+    run = load_run(run_dir)
+    cfg = cfg or load_config(run.path / "config.yaml")
+    save_config(cfg, run.path / "config.yaml")
+    n_classes = len(run.class_names)
+    if FIT_SPLIT not in run.splits:
+        raise ConfigError(f"{run.path} has no {FIT_SPLIT!r} split to fit the heads on")
+    check_fit_classes(run.split_examples(FIT_SPLIT)["label"], run.class_names)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples, metrics = _classify(run, cfg, n_classes)
+    for w in caught:  # shown to the user and kept in the run, not lost in a log
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    metrics["warnings"] = sorted({str(w.message) for w in caught})
+    metrics["classify_seconds"] = round(time.perf_counter() - t0, 2)
+    run.join("classify", examples[["id", *[c for c in examples if STAGES["classify"].owns(c)]]])
+    write_json(run.path / "metrics.json", metrics)
+    run.stamp("classify", _classify_key(run, cfg))
+    return metrics
+
+
+
+def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
+    """Run classify unless the run already holds its output for these features and heads."""
+    run = load_run(run_dir)
+    if run.stamps().get("classify") == _classify_key(run, cfg) and "hardness" in run.examples:
+        return False
+    classify(run.path, cfg)
+    return True
+
+
+def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict]:
+    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes)
+    frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
+                           "class_names": run.class_names}
+    issue_head = _issue_head(cfg, probs)
+    for split in run.splits:
+        df = run.split_examples(split)[EXAMPLE_COLUMNS].copy()
+        labels = df["label"].to_numpy()
+        split_probs = {h: p[split] for h, p in probs.items()}
+        _score_columns(df, split_probs, labels, neighbor_labels.get(split))
+        issue_probs = split_probs[issue_head]
+        df["label_quality"] = scores.label_quality(issue_probs, labels)
+        df["label_issue"] = scores.label_issues(issue_probs, labels)
+        frames.append(df)
+        for head, p in split_probs.items():
+            metrics["heads"].setdefault(head, {})[split] = _head_metrics(
+                p, labels, run.class_names)
+    metrics["label_issue_head"] = issue_head
+    metrics["label_issue_in_sample"] = issue_head == "model"
+    if "knn" in probs:
+        metrics["knn_search"] = {"backend": cfg.knn_backend, "index": cfg.knn_index,
+                                 "exact": cfg.knn_index == "flat"}
+        if cfg.knn_index != "flat":
+            metrics["knn_search"].update(nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe)
+    metrics["notes"] = _notes(probs)
+    out = pd.concat(frames, ignore_index=True)
+    if "planted_noise" in run.examples:
+        fit = out[out["split"] == FIT_SPLIT]
+        planted = run.examples.set_index("id").loc[fit["id"], "planted_noise"].to_numpy(bool)
+        metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
+                                                    -fit["label_quality"].to_numpy(float))
+    return out, metrics
+
+
+def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
+    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels})."""
+    fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
+    others = [s for s in run.splits if s != FIT_SPLIT]
+    probs, neighbor_labels = {}, {}
+    if "knn" in cfg.heads:
+        k = min(cfg.k, len(fit_x) - 1)
+        if k < cfg.k:
+            warnings.warn(f"k={cfg.k} but the train split has {len(fit_x)} examples: kNN uses "
+                          f"k={k} (each train example is left out of its own vote)")
+        knn = KNNClassifier(k=k, temperature=cfg.temperature, weights=cfg.knn_weights,
+                            device=_head_device(cfg), backend=cfg.knn_backend,
+                            index=cfg.knn_index, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
+                            seed=cfg.seed)
+        # FAISS reads the features memory-mapped, chunk by chunk: no copy of train in RAM
+        mmap = cfg.knn_backend == "faiss"
+        knn.fit(run.features(FIT_SPLIT, mmap=True) if mmap else fit_x, fit_y,
+                n_classes=n_classes)
+        probs["knn"] = {}
+        for s in run.splits:  # train: leave-one-out; other splits: against all of train
+            x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
+            p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
+            probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
+        del knn  # its normalised copy of the train features: free it before the probe fits
+    if "linear" in cfg.heads:
+        probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
+        probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(
+            probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes)}
+        probe.fit(fit_x, fit_y, n_classes=n_classes)
+        for s in others:
+            probs["linear"][s] = probe.predict_proba(run.features(s))
+    if "model" in cfg.heads and run.logits(FIT_SPLIT) is not None:
+        probs["model"] = {s: softmax(run.logits(s)) for s in run.splits}
+    if not probs:
+        raise ConfigError(f"no head could run: heads={cfg.heads} and the model's own classifier "
+                         "does not apply to this dataset; add knn or linear")
+    return probs, neighbor_labels
+
+
+def _issue_head(cfg: RunConfig, probs: dict) -> str:
+    """The head whose probabilities feed label_issue: cfg.issue_head when it ran, else linear,
+    else knn (both out-of-sample on train). `model` is in-sample on the data it was trained on:
+    allowed, with a warning that the run keeps (metrics.json, report)."""
+    for head in (cfg.issue_head, "linear", "knn"):
+        if head in probs:
+            if head == "model":
+                warnings.warn("issue_head: model: label_issue uses the backbone's own "
+                              "classifier, whose train probabilities are in-sample if it was "
+                              "trained on these images: the flags are then optimistic")
+            return head
+    return next(iter(probs))
+
+
+def _head_device(cfg: RunConfig) -> str:
+    return str(resolve_device(cfg.device))
+
+
+def _score_columns(df: pd.DataFrame, probs: dict[str, np.ndarray], labels: np.ndarray,
+                   neighbor_labels: np.ndarray | None) -> None:
+    for head, p in probs.items():
+        df[f"pred_{head}"] = scores.predicted(p)
+        df[f"prob_true_{head}"] = scores.prob_true(p, labels)
+        df[f"margin_{head}"] = scores.margin(p, labels)
+        df[f"entropy_{head}"] = scores.entropy(p)
+        df[f"correct_{head}"] = df[f"pred_{head}"].to_numpy() == labels
+    knn_dis = None
+    if neighbor_labels is not None:
+        knn_dis = scores.knn_disagreement(neighbor_labels, labels)
+        df["knn_disagreement"] = knn_dis
+    df["hardness"] = scores.hardness({h: df[f"prob_true_{h}"].to_numpy() for h in probs}, knn_dis)
+    if len(probs) > 1:  # heads that disagree on the prediction mark an ambiguous example
+        preds = np.stack([df[f"pred_{h}"].to_numpy() for h in probs], axis=1)
+        df["heads_disagree"] = (preds != preds[:, :1]).any(axis=1)
+
+
+def _head_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict:
+    preds = scores.predicted(probs)
+    cm = scores.confusion_matrix(labels, preds, len(class_names))
+    support = cm.sum(axis=1)
+    per_class = np.divide(np.diag(cm), support, out=np.full(len(support), np.nan),
+                          where=support > 0)
+    return {
+        "accuracy": float(scores.accuracy(labels, preds)),
+        "ece": float(scores.expected_calibration_error(probs, labels)),
+        "confusion_matrix": cm.tolist(),
+        "confused_pairs": scores.confused_pairs(cm, class_names, top=10).to_dict("records"),
+        "per_class_accuracy": {c: (None if np.isnan(a) else float(a))
+                               for c, a in zip(class_names, per_class)},
+        "reliability": scores.reliability_table(probs, labels).to_dict("records"),
+    }
+
+
+def _notes(probs: dict) -> list[str]:
+    notes = ["knn (train): leave-one-out; linear (train): out-of-fold"]
+    if "model" in probs:
+        notes.append("model (train): the backbone's own classifier saw these images in training "
+                     "if it was trained on them: train probabilities are in-sample")
+    return notes
