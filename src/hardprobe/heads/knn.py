@@ -8,9 +8,9 @@ class probabilities are the per-class vote sums divided by the total vote.
 Two search backends: "torch" (exact, chunked matmul + top-k on a normalised copy held in
 memory) and "faiss" (an index built chunk by chunk from the training array, which may be a
 read-only memory map: exact IndexFlatIP, or IVF for speed at a measured recall; see
-KNNClassifier). The FAISS backend lives in `_faiss.py`, imported only when it is used; it
-reads features through the helpers here (block_budget, stream_rows, _release_pages and the
-input validation at the bottom, which is shared with `linear.py`).
+KNNClassifier). The FAISS backend lives in `_faiss.py` (the faiss package itself is imported
+only when it is used); both backends read features through `_arrays.py` (block_budget,
+stream_rows, _release_pages and the input validation shared with `linear.py` and `mlp.py`).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import HeadError
-from . import _arrays
+from . import _arrays, _faiss
 from ._arrays import (
     _check_features,
     _check_labels,
@@ -111,9 +111,6 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.y_fit_ = y
         self._train = self.index_ = self.nlist_ = self._fit_X = None  # drop a previous fit's data
         if faiss_backend:
-            from . import (
-                _faiss,  # here, not at the top: _faiss imports this module's helpers
-            )
             _faiss.fit_index(self, X)
             self._labels = torch.from_numpy(y)  # votes are counted on the CPU
             return self
@@ -192,9 +189,6 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         """Top-k (sims, indices) as torch tensors on self.device (on the CPU for faiss)."""
         check_is_fitted(self, "n_samples_fit_")
         if self.backend == "faiss":
-            from . import (
-                _faiss,  # here, not at the top: _faiss imports this module's helpers
-            )
             source = _faiss.queries(self, X, exclude_self)
         else:
             queries, self_rows = self._queries(X, exclude_self)

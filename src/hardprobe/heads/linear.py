@@ -24,7 +24,12 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import HeadError
-from .knn import _check_features, _check_labels, _check_n_features, _resolve_n_classes
+from ._arrays import (
+    _check_features,
+    _check_labels,
+    _check_n_features,
+    _resolve_n_classes,
+)
 
 
 class LinearProbe(ClassifierMixin, BaseEstimator):

@@ -14,7 +14,12 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from ..errors import HeadError
-from .knn import _check_features, _check_labels, _check_n_features, _resolve_n_classes
+from ._arrays import (
+    _check_features,
+    _check_labels,
+    _check_n_features,
+    _resolve_n_classes,
+)
 from .training import Trainer, predict_logits
 
 
