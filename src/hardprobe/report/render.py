@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..core.io import atomic_write_text
 from ..errors import ConfigError
-from ..rundir.layout import require
+from ..rundir.layout import HEAD_ORDER, require
 from ..rundir.run import Run, load_run
 from . import plots, sections
 from .template import (
@@ -33,7 +33,6 @@ from .template import (
     truncation_note,
 )
 
-HEAD_ORDER = ("model", "linear", "knn")
 SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Confusion"),
             ("reliability", "Reliability"), ("hardness", "Hardness"), ("hardest", "Hardest"),
             ("pairs", "Confused pairs"), ("map", "Map"), ("per-class", "Per class"),

@@ -215,7 +215,6 @@ def write_examples(run_dir: Path, df: pd.DataFrame) -> None:
     atomic_write_text(Path(run_dir) / "examples.csv", df.to_csv(index=False))
 
 
-
 def save_array(run_dir: Path, split: str, name: str, arr: np.ndarray) -> None:
     atomic_save_npy(feature_path(run_dir, split, name), arr)
 

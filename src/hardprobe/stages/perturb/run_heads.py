@@ -7,9 +7,10 @@ import numpy as np
 
 from ...core.cache import key_digest
 from ...errors import PerturbError
+from ...rundir.layout import HEAD_ORDER
 from .probes import _model_probs
 
-PRIMARY_ORDER = ("model", "linear", "knn")
+PRIMARY_ORDER = HEAD_ORDER  # one order for every stage (rundir.layout)
 TRAIN = "train"
 
 
