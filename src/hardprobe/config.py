@@ -16,6 +16,36 @@ import yaml
 from .errors import ConfigError
 
 
+def option(default=dataclasses.MISSING, *, help: str, choices=None, factory=None):
+    """A config field with its help text and allowed values next to it.
+
+    The CLI builds its flags from these (`--batch-size` for `batch_size`), so Python callers and
+    the command line get the same defaults and the same validation (`check_config`).
+    """
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def check_config(cfg) -> None:
+    """Raise ConfigError when a field of the config dataclass `cfg` has the wrong type or a
+    value outside its declared choices (a list field: every element)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        _check_type(f.name, value, hints[f.name])
+        choices = f.metadata.get("choices")
+        if choices is None or value is None:
+            continue
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(str, choices))}, "
+                                  f"not {v!r}")
+
+
 @dataclass
 class RunConfig:
     # backbone
@@ -70,8 +100,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(name: str, value) -> None:
-    hint = typing.get_type_hints(RunConfig)[name]
+def _check_type(name: str, value, hint) -> None:
     origin = typing.get_origin(hint)
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     for t in allowed:
@@ -105,7 +134,7 @@ def build_config(file: str | None = None, **overrides) -> RunConfig:
         raise ConfigError(f"unknown config key(s): {', '.join(unknown)}. Known keys: "
                           f"{', '.join(sorted(known))}")
     for name, value in values.items():
-        _check_type(name, value)
+        _check_type(name, value, typing.get_type_hints(RunConfig)[name])
     cfg = RunConfig(**values)
     _check_consistency(cfg)
     return cfg
