@@ -4,7 +4,9 @@ import sys
 
 import pytest
 
+from hardprobe import cli
 from hardprobe.cli import main
+from hardprobe.config import RunConfig
 
 
 def test_run_then_rank(tiny_folder, tmp_path, capsys):
@@ -186,3 +188,31 @@ def test_finetune_command(tiny_folder, tmp_path, capsys):
     assert {"planted_noise", "label_issue", "hardness"} <= set(ex.columns)  # kept
     assert main(["finetune", str(out), "--epochs", "0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [c for c in cli.COMMANDS if c.config is not None
+                                 and c.config is not RunConfig], ids=lambda c: c.name)
+def test_python_and_cli_defaults_agree(cmd):
+    """A stage called from Python behaves as the command does when no flag is given."""
+    import dataclasses
+    import inspect
+    params = inspect.signature(cli.target(cmd)).parameters
+    cfg = cmd.config()
+    for f in dataclasses.fields(cfg):
+        assert f.name in params, f"{cmd.target} has no parameter {f.name}"
+        default = params[f.name].default
+        want = getattr(cfg, f.name)
+        norm = (lambda v: list(v) if isinstance(v, tuple) else v)
+        assert norm(default) == norm(want), (cmd.name, f.name, default, want)
+
+
+def test_cam_method_choices_are_explains():
+    from hardprobe.config import CAM_METHODS
+    from hardprobe.stages.explain.cams import CAM_METHODS as REAL
+    assert set(CAM_METHODS) == set(REAL)
+
+
+def test_a_bad_choice_is_named_before_any_work(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["explain", "RUN", "--method", "gradcamm"])
+    assert "invalid choice: 'gradcamm'" in capsys.readouterr().err

@@ -1,203 +1,128 @@
-"""Thin command line over the pipeline: parse flags / --config YAML, call a stage, print.
+"""Thin command line over the stages: one table of commands, flags generated from configs.
 
-Flags mirror RunConfig's fields one to one (`--batch-size` sets `batch_size`), so a YAML
-config and the command line say the same things.
+Every command's options are a config dataclass of `hardprobe.config` (help text and choices
+next to each field), so `--batch-size` sets `batch_size`, a YAML file and the command line say
+the same things, and the Python function behind a command has the same defaults.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import logging
 import sys
+import types
 import typing
+from dataclasses import dataclass
+from typing import Callable
 
-from .config import RunConfig, build_config
+from . import config as C
 from .errors import HardprobeError
 
-HELP = {
-    "model": "backbone name (see `hardprobe models`), e.g. cifar_resnet56, resnet50, timm:<name>",
-    "weights": "weights file to load (offline use); default: the published weights",
-    "weights_tag": "named published weights, e.g. IMAGENET1K_V1 for resnet50",
-    "random_init": "random weights, for tests and speed runs only (never a silent fallback)",
-    "trust_weights": "allow unpickling a weights file that is not a plain state_dict; "
-                     "only for files you trust",
-    "image_size": "override the network input size of the weights' preprocessing",
-    "data": "cifar10 (torchvision format under --data-root) or imagefolder (--train/--test)",
-    "data_root": "folder holding cifar-10-batches-py (cifar10)",
-    "train": "train folder of <class>/<image> files (imagefolder)",
-    "test": "test folder of <class>/<image> files (imagefolder)",
-    "download": "download CIFAR-10 when missing",
-    "strict": "stop at an undecodable image instead of skipping it (skipped ones: skipped.csv)",
-    "device": "auto (cuda, mps, cpu), or a torch device such as cuda:1",
-    "precision": "fp32, bf16, or auto (bf16 where the device supports it)",
-    "batch_size": "images per forward pass",
-    "num_workers": "DataLoader workers (default: cores - 1, at most 8)",
-    "cache_dir": "feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)",
-    "shard_size": "examples per cache shard, the unit of resume after an interruption",
-    "feature_dtype": "float32, or float16 to halve disk and memory of the embeddings",
-    "use_model_head": "use the model's own classifier as a head (default: when its classes "
-                      "are the dataset's)",
-    "heads": "heads to fit: knn linear model",
-    "k": "neighbours of the kNN head",
-    "temperature": "temperature T of the kNN votes exp(sim / T)",
-    "knn_weights": "kNN votes: exp (DINO) or uniform",
-    "knn_backend": "kNN search: torch (exact, in RAM) or faiss (index built from memory-mapped "
-                   "features, for train sets beyond memory; needs faiss-cpu or faiss-gpu)",
-    "knn_index": "FAISS index: flat (exact), ivf or ivf_fp16 (approximate; recall measured in "
-                 "docs/benchmarks.md)",
-    "knn_nlist": "IVF lists (default 4 * sqrt(N_train))",
-    "knn_nprobe": "IVF lists scanned per query (more = higher recall, slower; >= nlist is exact)",
-    "linear_c": "inverse L2 strength of the linear probe (scikit-learn's C)",
-    "folds": "folds of the out-of-fold linear-probe probabilities on train",
-    "issue_head": "head whose out-of-sample probabilities find label issues",
-    "seed": "random seed",
-    "label_noise": "flip this share of the train labels (with --seed) to measure how well label "
-                   "issues are found; the originals are kept in clean_label",
-    "top": "hardest examples explained (Grad-CAM), given neighbours and shown in the report; "
-           "0 skips explain",
-    "cam_method": "Grad-CAM method: gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, "
-                  "scorecam",
-    "cam_layer": "Grad-CAM target layer (default: the backbone's; see `hardprobe layers MODEL`)",
-    "neighbors": "train neighbours shown per hard example",
-    "map_method": "2-D map of the test embeddings: tsne or pca",
-    "similarity": "compute neighbours, centroids and the 2-D map",
-    "report": "write RUN_DIR/report.html",
-    "out": "run directory to write",
-}
+# the options of `hardprobe classify`: the head fields of RunConfig
 HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
                "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "device")
 
 
-def _add_config_flags(p: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
-    hints = typing.get_type_hints(RunConfig)
-    for f in dataclasses.fields(RunConfig):
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its positional arguments, its config, and the function it calls.
+
+    target: "module:function" called as function(*positional, **config fields, **extra).
+    """
+    name: str
+    help: str
+    positional: tuple[str, ...] = ()
+    config: type | None = None
+    target: str = ""
+    progress: bool = False  # takes --no-progress
+
+
+COMMANDS = (
+    Command("run", "all stages: extract features, fit heads, score every example",
+            config=C.RunConfig, target="hardprobe.pipeline:run", progress=True),
+    Command("extract", "extract (cached) features of every split into --out",
+            config=C.RunConfig, target="hardprobe.pipeline:extract", progress=True),
+    Command("classify", "fit the heads on a run's features and score examples", ("run_dir",),
+            C.RunConfig, "hardprobe.pipeline:classify"),
+    Command("rank", "print the hardest examples of a run", ("run_dir",), C.RankConfig,
+            "hardprobe.pipeline:rank"),
+    Command("explain", "Grad-CAM of the hardest examples (given vs predicted)", ("run_dir",),
+            C.ExplainConfig, "hardprobe.stages.explain.stage:explain_run"),
+    Command("similarity", "neighbours of hard examples, centroids, 2-D map", ("run_dir",),
+            C.SimilarityConfig, "hardprobe.stages.similarity:similarity_run"),
+    Command("cka", "linear CKA between the features of two runs on the same images",
+            ("run_a", "run_b"), target="hardprobe.stages.similarity:cka_runs"),
+    Command("perturb", "CIFAR-10-C corruptions, occlusion and blends: how much it takes to "
+            "break each example", ("run_dir",), C.PerturbConfig,
+            "hardprobe.stages.perturb:perturb_run"),
+    Command("finetune", "fine-tune a head or the backbone on the train split and record "
+            "training dynamics (cartography, AUM, forgetting)", ("run_dir",), C.FinetuneConfig,
+            "hardprobe.stages.finetune.stage:finetune_run", progress=True),
+    Command("depth", "prediction depth: the layer from which kNN probes agree with the final "
+            "prediction (Baldock et al. 2021)", ("run_dir",), C.DepthConfig,
+            "hardprobe.stages.depth:depth_run"),
+    Command("compare", "two runs on the same images side by side (HTML)", ("run_a", "run_b"),
+            C.CompareConfig, "hardprobe.stages.compare:compare_runs"),
+    Command("report", "write RUN_DIR/report.html (self-contained)", ("run_dir",),
+            C.ReportConfig, "hardprobe.report:write_report"),
+    Command("models", "list the registered backbones"),
+    Command("doctor", "check the environment: versions, devices, cache, weights"),
+    Command("layers", "list a model's layers (candidates for --cam-layer)", ("model",)),
+)
+BY_NAME = {c.name: c for c in COMMANDS}
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    default = (f.default_factory() if f.default_factory is not dataclasses.MISSING
+               else f.default)
+    if default not in (None, False, [], ()):
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {shown})"
+    return text.replace("%", "%%")
+
+
+def add_flags(p: argparse.ArgumentParser, cls: type, only: tuple[str, ...] | None = None) -> None:
+    """One flag per field of the config dataclass `cls`; an omitted flag parses as None."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         if only is not None and f.name not in only:
             continue
-        flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
-        args = typing.get_args(hint)
-        base = next((a for a in args if a is not type(None)), hint) if args else hint
-        kw = {"default": None, "help": HELP.get(f.name)}
+        base = hint  # X | None -> X
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            base = next(a for a in typing.get_args(hint) if a is not type(None))
+        kw = {"default": None, "help": _help(f), "dest": f.name}
+        if f.metadata.get("choices") is not None:
+            kw["choices"] = f.metadata["choices"]
+        flag = "--" + f.name.replace("_", "-")
         if base is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif typing.get_origin(hint) is list:
-            p.add_argument(flag, nargs="+", **kw)
+        elif typing.get_origin(base) is list:
+            p.add_argument(flag, nargs="+", type=typing.get_args(base)[0], **kw)
         else:
-            p.add_argument(flag, type=base if base in (int, float) else str, **kw)
+            p.add_argument(flag, type=base, **kw)
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hardprobe", description="Probe pretrained vision models "
                                 "with hard examples.")
     p.add_argument("--version", action="version", version=_version())
+    p.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = p.add_subparsers(dest="command", required=True)
-    for name, text in (("run", "all stages: extract features, fit heads, score every example"),
-                       ("extract", "extract (cached) features of every split into --out")):
-        s = sub.add_parser(name, help=text, description=text)
-        s.add_argument("--config", help="YAML file of config keys; flags override it")
-        _add_config_flags(s)
-        s.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    s = sub.add_parser("classify", help="fit the heads on a run's features and score examples")
-    s.add_argument("run_dir")
-    _add_config_flags(s, HEAD_FIELDS)
-    s = sub.add_parser("rank", help="print the hardest examples of a run")
-    s.add_argument("run_dir")
-    s.add_argument("--top", type=int, default=20)
-    s.add_argument("--split", default="test", help="split to rank, or 'all'")
-    s.add_argument("--by", default="hardness", help="column to sort by, highest first")
-    s = sub.add_parser("explain", help="Grad-CAM of the hardest examples (given vs predicted)")
-    s.add_argument("run_dir")
-    s.add_argument("--top", type=int, default=24, help="hardest examples to explain")
-    s.add_argument("--ids", nargs="+", help="explain these example ids instead")
-    s.add_argument("--split", default="test")
-    s.add_argument("--method", default="gradcam", help="gradcam, gradcam++, xgradcam, layercam, "
-                   "hirescam, eigencam, scorecam")
-    s.add_argument("--layer", help="target layer (see `hardprobe layers MODEL`)")
-    s.add_argument("--no-fast", action="store_true", help="use the library path for gradcam too")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int, default=16)
-    s = sub.add_parser("similarity", help="neighbours of hard examples, centroids, 2-D map")
-    s.add_argument("run_dir")
-    s.add_argument("--top", type=int, default=24)
-    s.add_argument("--k", type=int, default=8, help="train neighbours per example")
-    s.add_argument("--split", default="test")
-    s.add_argument("--map-method", default="tsne", choices=["tsne", "pca"])
-    s = sub.add_parser("cka", help="linear CKA between the features of two runs on the same images")
-    s.add_argument("run_a")
-    s.add_argument("run_b")
-    s.add_argument("--split", default="test")
-    s = sub.add_parser("perturb", help="CIFAR-10-C corruptions, occlusion and blends: how much "
-                       "it takes to break each example")
-    s.add_argument("run_dir")
-    s.add_argument("--subset", type=int, default=2000, help="test examples (stratified); 0 = all")
-    s.add_argument("--corruptions", nargs="+", help="default: all 15")
-    s.add_argument("--severities", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-occlusion", action="store_true")
-    s.add_argument("--no-blend", action="store_true")
-    s.add_argument("--cifar10c", help="a real CIFAR-10-C folder (<corruption>.npy, labels.npy)")
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int, default=128)
-    s = sub.add_parser("finetune", help="fine-tune a head or the backbone on the train split and "
-                       "record training dynamics (cartography, AUM, forgetting)")
-    s.add_argument("run_dir")
-    s.add_argument("--mode", default="all", choices=["head", "mlp", "last", "all"],
-                   help="head: softmax regression on the cached features; mlp: MLP with dropout "
-                   "on them; last: the backbone's last stage + classifier; all: every layer")
-    s.add_argument("--epochs", type=int, default=10)
-    s.add_argument("--batch-size", type=int, default=128)
-    s.add_argument("--lr", type=float, help="peak learning rate (default 0.01 sgd, 1e-3 adamw)")
-    s.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
-    s.add_argument("--weight-decay", type=float, default=5e-4)
-    s.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (Nesterov)")
-    s.add_argument("--warmup-epochs", type=float, default=1.0,
-                   help="linear warm-up, then cosine decay to 0")
-    s.add_argument("--label-smoothing", type=float, default=0.0)
-    s.add_argument("--hidden", type=int, nargs="+", default=[512],
-                   help="hidden widths (--mode mlp)")
-    s.add_argument("--dropout", type=float, default=0.5, help="dropout (--mode mlp)")
-    s.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="no random crop / flip (image modes)")
-    s.add_argument("--head-init", default="auto", choices=["auto", "new", "model"],
-                   help="model: keep the backbone's own classifier; new: a fresh linear layer; "
-                   "auto: model when the run used the model's head")
-    s.add_argument("--subset", type=int, help="train on this many train examples (stratified)")
-    s.add_argument("--folds", type=int, default=0, help="K >= 2: K more fine-tunes give "
-                   "out-of-fold train predictions; 0: in-sample (flagged as such)")
-    s.add_argument("--aum-runs", type=int, default=2, choices=[0, 1, 2], help="runs with AUM "
-                   "threshold samples (2: every example gets a verdict; 0: no AUM flags)")
-    s.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"])
-    s.add_argument("--device", default="auto")
-    s.add_argument("--num-workers", type=int, help="image decoding workers (default: the run's)")
-    s.add_argument("--seed", type=int, help="default: the run's seed")
-    s.add_argument("--resume", action="store_true",
-                   help="continue from the last checkpoints (same options); else start over")
-    s.add_argument("--keep-checkpoints", type=int, default=2)
-    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    s = sub.add_parser("depth", help="prediction depth: the layer from which kNN probes agree "
-                       "with the final prediction (Baldock et al. 2021)")
-    s.add_argument("run_dir")
-    s.add_argument("--subset", type=int, help="examples per split at most (stratified)")
-    s.add_argument("--k", type=int, help="neighbours of the layer probes (default: the run's k)")
-    s.add_argument("--token-pool", default="mean", choices=["mean", "cls"])
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int, default=128)
-    s = sub.add_parser("compare", help="two runs on the same images side by side (HTML)")
-    s.add_argument("run_a")
-    s.add_argument("run_b")
-    s.add_argument("--out", help="folder to write (default RUN_A/compare_<B>)")
-    s.add_argument("--split", default="test")
-    s.add_argument("--quantile", type=float, default=0.1, help="share of each run called hard")
-    s.add_argument("--top", type=int, default=12, help="thumbnails per group")
-    s = sub.add_parser("report", help="write RUN_DIR/report.html (self-contained)")
-    s.add_argument("run_dir")
-    s.add_argument("--top", type=int, default=24)
-    s.add_argument("--max-rows", type=int, default=200)
-    s.add_argument("--out", help="file or folder to write (default RUN_DIR/report.html)")
-    sub.add_parser("models", help="list the registered backbones")
-    s = sub.add_parser("doctor", help="check the environment: versions, devices, cache, weights")
-    s.add_argument("--json", action="store_true", help="print JSON")
-    s = sub.add_parser("layers", help="list a model's layers (candidates for --cam-layer)")
-    s.add_argument("model")
+    for cmd in COMMANDS:
+        s = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        for name in cmd.positional:
+            s.add_argument(name)
+        if cmd.name in ("run", "extract"):
+            s.add_argument("--config", help="YAML file of config keys; flags override it")
+        if cmd.config is not None:
+            add_flags(s, cmd.config, HEAD_FIELDS if cmd.name == "classify" else None)
+        if cmd.progress:
+            s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    sub.choices["cka"].add_argument("--split", default="test", help="split compared")
+    sub.choices["doctor"].add_argument("--json", action="store_true", help="print JSON")
     return p
 
 
@@ -206,16 +131,43 @@ def _version() -> str:
     return f"hardprobe {__version__}"
 
 
-def _config_from(ns: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    names = {f.name for f in dataclasses.fields(RunConfig)}
+def stage_config(cls: type, ns: argparse.Namespace):
+    """The config `cls` from the flags that were given (None = not given: the default)."""
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)
+             if getattr(ns, f.name, None) is not None}
+    cfg = cls(**given)
+    C.check_config(cfg)
+    return cfg
+
+
+def _run_config(ns: argparse.Namespace, base: C.RunConfig | None = None) -> C.RunConfig:
+    names = {f.name for f in dataclasses.fields(C.RunConfig)}
     given = {k: v for k, v in vars(ns).items() if k in names and v is not None}
     if base is not None:
-        return build_config(**{**base.to_dict(), **given})
-    return build_config(getattr(ns, "config", None), **given)
+        return C.build_config(**{**base.to_dict(), **given})
+    return C.build_config(getattr(ns, "config", None), **given)
+
+
+def target(cmd: Command) -> Callable:
+    module, name = cmd.target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """One stderr handler for the package's loggers; progress bars stay tqdm."""
+    log = logging.getLogger("hardprobe")
+    if not any(getattr(h, "_hardprobe", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        h._hardprobe = True
+        log.addHandler(h)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = _parser().parse_args(argv)
+    setup_logging(ns.quiet)
     try:
         return _dispatch(ns)
     except KeyboardInterrupt:
@@ -228,95 +180,84 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(ns: argparse.Namespace) -> int:
-    from . import pipeline
+    cmd = BY_NAME[ns.command]
+    special = {"run": _run, "extract": _run, "classify": _classify, "rank": _rank,
+               "cka": _cka, "models": _models, "doctor": _doctor, "layers": _layers}
+    if cmd.name in special:
+        return special[cmd.name](ns, cmd)
+    cfg = stage_config(cmd.config, ns)
+    extra = {"progress": not ns.no_progress} if cmd.progress else {}
+    out = target(cmd)(*(getattr(ns, a) for a in cmd.positional), **_kwargs(cfg), **extra)
+    if cmd.name == "compare":
+        out = out / "compare.html"
+    print(f"wrote {out}")
+    return 0
 
-    if ns.command in ("run", "extract"):
-        cfg = _config_from(ns)
-        stage = pipeline.run if ns.command == "run" else pipeline.extract
-        out = stage(cfg, progress=not ns.no_progress)
-        from .core.distributed import env_context
-        if not env_context().main:  # under torchrun rank 0 reports for all
-            return 0
-        print(f"wrote {out}")
-        if ns.command == "run":
-            _print_summary(out)
-    elif ns.command == "classify":
-        from .config import load_config
-        from .rundir.run import load_run
-        run = load_run(ns.run_dir)
-        cfg = _config_from(ns, load_config(run.path / "config.yaml"))
-        pipeline.classify(run.path, cfg)
-        _print_summary(run.path)
-    elif ns.command == "rank":
-        df = pipeline.rank(ns.run_dir, top=ns.top, split=None if ns.split == "all" else ns.split,
-                           by=ns.by)
-        from .rundir.run import load_run
-        _print_rank(df, load_run(ns.run_dir).class_names)
-    elif ns.command == "explain":
-        from .core.device import resolve_device
-        from .stages.explain.stage import explain_run
-        out = explain_run(ns.run_dir, ids=ns.ids, top=ns.top, split=ns.split, method=ns.method,
-                          layer=ns.layer, fast=not ns.no_fast, batch_size=ns.batch_size,
-                          device=str(resolve_device(ns.device)))
-        print(f"wrote {out}")
-    elif ns.command == "similarity":
-        from .stages.similarity import similarity_run
-        print(f"wrote {similarity_run(ns.run_dir, top=ns.top, k=ns.k, split=ns.split, map_method=ns.map_method)}")
-    elif ns.command == "cka":
-        from .rundir.run import load_run
-        from .stages.similarity import cka_runs
-        print(f"linear CKA ({ns.split}): {cka_runs(load_run(ns.run_a), load_run(ns.run_b), split=ns.split):.4f}")
-    elif ns.command == "perturb":
-        from .core.device import resolve_device
-        from .stages.perturb import perturb_run
-        out = perturb_run(ns.run_dir, subset=ns.subset or None, corruptions=ns.corruptions,
-                          severities=tuple(ns.severities), seed=ns.seed,
-                          occlusion=not ns.no_occlusion, blend=not ns.no_blend,
-                          cifar10c=ns.cifar10c, device=str(resolve_device(ns.device)),
-                          batch_size=ns.batch_size)
-        print(f"wrote {out}")
-    elif ns.command == "finetune":
-        from .stages.finetune.stage import finetune_run
-        out = finetune_run(ns.run_dir, mode=ns.mode, epochs=ns.epochs, batch_size=ns.batch_size,
-                           lr=ns.lr, optimizer=ns.optimizer, weight_decay=ns.weight_decay,
-                           momentum=ns.momentum, warmup_epochs=ns.warmup_epochs,
-                           label_smoothing=ns.label_smoothing, hidden=tuple(ns.hidden),
-                           dropout=ns.dropout, augment=ns.augment, head_init=ns.head_init,
-                           subset=ns.subset, folds=ns.folds, aum_runs=ns.aum_runs,
-                           precision=ns.precision, device=ns.device, num_workers=ns.num_workers,
-                           seed=ns.seed, resume=ns.resume, keep_checkpoints=ns.keep_checkpoints,
-                           progress=not ns.no_progress)
-        print(f"wrote {out}")
-    elif ns.command == "depth":
-        from .core.device import resolve_device
-        from .stages.depth import depth_run
-        out = depth_run(ns.run_dir, subset=ns.subset, k=ns.k, token_pool=ns.token_pool,
-                        device=str(resolve_device(ns.device)), batch_size=ns.batch_size)
-        print(f"wrote {out}")
-    elif ns.command == "compare":
-        from .stages.compare import compare_runs
-        out = compare_runs(ns.run_a, ns.run_b, out=ns.out, split=ns.split, quantile=ns.quantile,
-                           top=ns.top)
-        print(f"wrote {out / 'compare.html'}")
-    elif ns.command == "report":
-        from .report import write_report
-        print(f"wrote {write_report(ns.run_dir, top=ns.top, max_rows=ns.max_rows, out=ns.out)}")
-    elif ns.command == "models":
-        from .backbones import list_backbones
-        for m in list_backbones():
-            print(f"{m['name']:<22} {m['summary']}")
-    elif ns.command == "doctor":
-        import json
 
-        from .doctor import environment, report
-        env = environment()
-        print(json.dumps(env, indent=2) if ns.json else report(env))
-    elif ns.command == "layers":
-        from .backbones import create_backbone, list_layers
-        bb = create_backbone(ns.model, random_init=True)
-        print(f"# {ns.model}: Grad-CAM layer by default: {bb.cam_layer}")
-        for name in list_layers(bb):
-            print(name)
+def _kwargs(cfg) -> dict:
+    kw = dataclasses.asdict(cfg)
+    if isinstance(cfg, C.PerturbConfig):  # 0 examples means all of them
+        kw["subset"] = kw["subset"] or None
+    return kw
+
+
+def _run(ns, cmd) -> int:
+    out = target(cmd)(_run_config(ns), progress=not ns.no_progress)
+    from .core.distributed import env_context
+    if not env_context().main:  # under torchrun rank 0 reports for all
+        return 0
+    print(f"wrote {out}")
+    if cmd.name == "run":
+        _print_summary(out)
+    return 0
+
+
+def _classify(ns, cmd) -> int:
+    from .rundir.run import load_run
+    run = load_run(ns.run_dir)
+    target(cmd)(run.path, _run_config(ns, C.load_config(run.path / "config.yaml")))
+    _print_summary(run.path)
+    return 0
+
+
+def _rank(ns, cmd) -> int:
+    cfg = stage_config(cmd.config, ns)
+    split = None if cfg.split == "all" else cfg.split
+    df = target(cmd)(ns.run_dir, top=cfg.top, split=split, by=cfg.by)
+    from .rundir.run import load_run
+    _print_rank(df, load_run(ns.run_dir).class_names)
+    return 0
+
+
+def _cka(ns, cmd) -> int:
+    from .rundir.run import load_run
+    value = target(cmd)(load_run(ns.run_a), load_run(ns.run_b), split=ns.split)
+    print(f"linear CKA ({ns.split}): {value:.4f}")
+    return 0
+
+
+def _models(ns, cmd) -> int:
+    from .backbones import list_backbones
+    for m in list_backbones():
+        print(f"{m['name']:<22} {m['summary']}")
+    return 0
+
+
+def _doctor(ns, cmd) -> int:
+    import json
+
+    from .doctor import environment, report
+    env = environment()
+    print(json.dumps(env, indent=2) if ns.json else report(env))
+    return 0
+
+
+def _layers(ns, cmd) -> int:
+    from .backbones import create_backbone, list_layers
+    bb = create_backbone(ns.model, random_init=True)
+    print(f"# {ns.model}: Grad-CAM layer by default: {bb.cam_layer}")
+    for name in list_layers(bb):
+        print(name)
     return 0
 
 

@@ -49,52 +49,112 @@ def check_config(cfg) -> None:
 @dataclass
 class RunConfig:
     # backbone
-    model: str = "cifar_resnet56"
-    weights: str | None = None  # weights file for offline use
-    weights_tag: str | None = None  # e.g. IMAGENET1K_V1 for resnet50
-    random_init: bool = False  # tests and speed runs only
-    trust_weights: bool = False  # allow unpickling a weights file (only for files you trust)
-    image_size: int | None = None
+    model: str = option(
+        "cifar_resnet56",
+        help="backbone name (see `hardprobe models`), e.g. cifar_resnet56, resnet50, timm:<name>")
+    weights: str | None = option(
+        None,
+        help="weights file to load (offline use); default: the published weights")
+    weights_tag: str | None = option(
+        None,
+        help="named published weights, e.g. IMAGENET1K_V1 for resnet50")
+    random_init: bool = option(
+        False,
+        help="random weights, for tests and speed runs only (never a silent fallback)")
+    trust_weights: bool = option(
+        False,
+        help="allow unpickling a weights file that is not a plain state_dict; only for files you"
+             " trust")
+    image_size: int | None = option(
+        None,
+        help="override the network input size of the weights' preprocessing")
     # data
-    data: str = "cifar10"  # cifar10 | imagefolder
-    data_root: str = "data"  # cifar10: folder holding cifar-10-batches-py
-    train: str | None = None  # imagefolder train folder
-    test: str | None = None  # imagefolder test folder
-    download: bool = True
-    strict: bool = False  # stop at an undecodable image instead of skipping it
+    data: str = option(
+        "cifar10", choices=("cifar10", "imagefolder"),
+        help="cifar10 (torchvision format under --data-root) or imagefolder (--train/--test)")
+    data_root: str = option("data", help="folder holding cifar-10-batches-py (cifar10)")
+    train: str | None = option(None, help="train folder of <class>/<image> files (imagefolder)")
+    test: str | None = option(None, help="test folder of <class>/<image> files (imagefolder)")
+    download: bool = option(True, help="download CIFAR-10 when missing")
+    strict: bool = option(
+        False,
+        help="stop at an undecodable image instead of skipping it (skipped ones: skipped.csv)")
     # features
-    device: str = "auto"
-    precision: str = "fp32"  # fp32 | bf16 | auto
-    batch_size: int = 128
-    num_workers: int | None = None
-    cache_dir: str | None = None
-    shard_size: int = 4096  # examples per cache shard: the unit of resume after an interruption
-    feature_dtype: str = "float32"  # float16 halves disk and RAM of the embeddings
-    use_model_head: bool | None = None  # None = when the model's classes match the dataset's
+    device: str = option("auto", help="auto (cuda, mps, cpu), or a torch device such as cuda:1")
+    precision: str = option(
+        "fp32", choices=("fp32", "bf16", "auto"),
+        help="fp32, bf16, or auto (bf16 where the device supports it)")
+    batch_size: int = option(128, help="images per forward pass")
+    num_workers: int | None = option(
+        None,
+        help="DataLoader workers (default: cores - 1, at most 8)")
+    cache_dir: str | None = option(
+        None,
+        help="feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)")
+    shard_size: int = option(
+        4096,
+        help="examples per cache shard, the unit of resume after an interruption")
+    feature_dtype: str = option(
+        "float32", choices=("float32", "float16"),
+        help="float32, or float16 to halve disk and memory of the embeddings")
+    use_model_head: bool | None = option(
+        None,
+        help="use the model's own classifier as a head (default: when its classes are the "
+             "dataset's)")
     # heads
-    heads: list[str] = dataclasses.field(default_factory=lambda: ["knn", "linear", "model"])
-    k: int = 20
-    temperature: float = 0.07
-    knn_weights: str = "exp"  # exp | uniform
-    knn_backend: str = "torch"  # torch (exact, in RAM) | faiss (index from memory-mapped features)
-    knn_index: str = "flat"  # faiss only: flat (exact) | ivf | ivf_fp16 (approximate)
-    knn_nlist: int | None = None  # IVF lists; None: 4 * sqrt(N_train), at most N / 39 and 65536
-    knn_nprobe: int = 16  # IVF lists scanned per query; >= nlist is exact
-    linear_c: float = 1.0
-    folds: int = 5
-    issue_head: str = "linear"  # head whose out-of-sample probabilities feed label_issue
-    seed: int = 0
-    label_noise: float = 0.0  # share of train labels flipped (seed) to measure issue finding
+    heads: list[str] = option(
+        factory=lambda: ["knn", "linear", "model"], choices=("knn", "linear", "model"),
+        help="heads to fit: knn linear model")
+    k: int = option(20, help="neighbours of the kNN head")
+    temperature: float = option(0.07, help="temperature T of the kNN votes exp(sim / T)")
+    knn_weights: str = option(
+        "exp", choices=("exp", "uniform"),
+        help="kNN votes: exp (DINO) or uniform")
+    knn_backend: str = option(
+        "torch", choices=("torch", "faiss"),
+        help="kNN search: torch (exact, in RAM) or faiss (index built from memory-mapped "
+             "features, for train sets beyond memory; needs faiss-cpu or faiss-gpu)")
+    knn_index: str = option(
+        "flat", choices=("flat", "ivf", "ivf_fp16"),
+        help="FAISS index: flat (exact), ivf or ivf_fp16 (approximate; recall measured in "
+             "docs/benchmarks.md)")
+    knn_nlist: int | None = option(None, help="IVF lists (default 4 * sqrt(N_train))")
+    knn_nprobe: int = option(
+        16,
+        help="IVF lists scanned per query (more = higher recall, slower; >= nlist is exact)")
+    linear_c: float = option(
+        1.0,
+        help="inverse L2 strength of the linear probe (scikit-learn's C)")
+    folds: int = option(5, help="folds of the out-of-fold linear-probe probabilities on train")
+    issue_head: str = option(
+        "linear", choices=("knn", "linear", "model"),
+        help="head whose out-of-sample probabilities find label issues")
+    seed: int = option(0, help="random seed")
+    label_noise: float = option(
+        0.0,
+        help="flip this share of the train labels (with --seed) to measure how well label issues"
+             " are found; the originals are kept in clean_label")
     # explain / similarity / report (parts of `hardprobe run`; 0 / false skips a stage)
-    top: int = 24  # hardest examples explained, given neighbours and shown in the report
-    cam_method: str = "gradcam"
-    cam_layer: str | None = None  # default: the backbone's (see `hardprobe layers MODEL`)
-    neighbors: int = 8  # train neighbours per hard example
-    map_method: str = "tsne"  # tsne | pca
-    similarity: bool = True
-    report: bool = True
+    top: int = option(
+        24,
+        help="hardest examples explained (Grad-CAM), given neighbours and shown in the report; 0"
+             " skips explain")
+    cam_method: str = option(
+        "gradcam", choices=("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
+                            "eigencam", "scorecam"),
+        help="Grad-CAM method: gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, "
+             "scorecam")
+    cam_layer: str | None = option(
+        None,
+        help="Grad-CAM target layer (default: the backbone's; see `hardprobe layers MODEL`)")
+    neighbors: int = option(8, help="train neighbours shown per hard example")
+    map_method: str = option(
+        "tsne", choices=("tsne", "pca"),
+        help="2-D map of the test embeddings: tsne or pca")
+    similarity: bool = option(True, help="compute neighbours, centroids and the 2-D map")
+    report: bool = option(True, help="write RUN_DIR/report.html")
     # output
-    out: str = "runs/latest"
+    out: str = option("runs/latest", help="run directory to write")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -141,23 +201,12 @@ def build_config(file: str | None = None, **overrides) -> RunConfig:
 
 
 def _check_consistency(cfg: RunConfig) -> None:
+    """What one field's type and choices cannot say: how the fields fit together."""
+    check_config(cfg)
     if cfg.weights and cfg.random_init:
         raise ConfigError("weights and random_init contradict each other; pass one of them")
     if cfg.data == "imagefolder" and not cfg.train:
         raise ConfigError("data: imagefolder needs train: DIR (and usually test: DIR)")
-    if cfg.data not in ("cifar10", "imagefolder"):
-        raise ConfigError(f"data must be cifar10 or imagefolder, not {cfg.data!r}")
-    bad_heads = sorted(set(cfg.heads) - {"knn", "linear", "model"})
-    if bad_heads:
-        raise ConfigError(f"unknown head(s) {bad_heads}; choose from knn, linear, model")
-    if cfg.feature_dtype not in ("float32", "float16"):
-        raise ConfigError(f"feature_dtype must be float32 or float16, not {cfg.feature_dtype!r}")
-    if cfg.map_method not in ("tsne", "pca"):
-        raise ConfigError(f"map_method must be tsne or pca, not {cfg.map_method!r}")
-    if cfg.knn_backend not in ("torch", "faiss"):
-        raise ConfigError(f"knn_backend must be torch or faiss, not {cfg.knn_backend!r}")
-    if cfg.knn_index not in ("flat", "ivf", "ivf_fp16"):
-        raise ConfigError(f"knn_index must be flat, ivf or ivf_fp16, not {cfg.knn_index!r}")
     if cfg.knn_index != "flat" and cfg.knn_backend != "faiss":
         raise ConfigError(f"knn_index {cfg.knn_index} is a FAISS index: add knn_backend: faiss")
     if cfg.knn_nprobe < 1 or (cfg.knn_nlist is not None and cfg.knn_nlist < 1):
@@ -167,10 +216,6 @@ def _check_consistency(cfg: RunConfig) -> None:
                           f"{cfg.label_noise}")
     if cfg.top < 0:
         raise ConfigError("top must be >= 0 (0 skips explain)")
-    if cfg.issue_head not in ("knn", "linear", "model"):
-        raise ConfigError(f"issue_head must be knn, linear or model, not {cfg.issue_head!r}")
-    if cfg.knn_weights not in ("exp", "uniform"):
-        raise ConfigError(f"knn_weights must be exp or uniform, not {cfg.knn_weights!r}")
     for name in ("k", "batch_size", "folds", "shard_size"):
         if getattr(cfg, name) < 1 or (name == "folds" and cfg.folds < 2):
             raise ConfigError(f"{name} must be a positive integer (folds >= 2)")
@@ -183,3 +228,115 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> RunConfig:
     return build_config(str(path))
+
+
+# One config per stage command. The CLI builds each command's flags from these, and a test
+# checks that every stage function's keyword defaults equal its config's, so `hardprobe explain`
+# and `explain_run(...)` do the same thing unless told otherwise.
+
+CAM_METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "eigencam",
+               "scorecam")
+
+
+@dataclass
+class RankConfig:
+    top: int = option(20, help="examples to print")
+    split: str | None = option("test", help="split to rank (default test); all: every split")
+    by: str = option("hardness", help="column to sort by, highest first")
+
+
+@dataclass
+class ExplainConfig:
+    top: int = option(24, help="hardest examples to explain")
+    ids: list[str] | None = option(None, help="explain these example ids instead")
+    split: str = option("test", help="split whose hardest examples are explained")
+    method: str = option("gradcam", choices=CAM_METHODS, help="CAM method")
+    layer: str | None = option(None, help="target layer (see `hardprobe layers MODEL`)")
+    fast: bool = option(True, help="closed-form Grad-CAM (equal to pytorch-grad-cam's); "
+                                   "--no-fast uses the library path")
+    device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")
+    batch_size: int = option(16, help="images per backward pass")
+
+
+@dataclass
+class SimilarityConfig:
+    top: int = option(24, help="hardest examples given train neighbours")
+    k: int = option(8, help="train neighbours per example")
+    split: str = option("test", help="split whose hardest examples get neighbours")
+    map_method: str = option("tsne", choices=("tsne", "pca"), help="2-D map of the embeddings")
+
+
+@dataclass
+class PerturbConfig:
+    subset: int | None = option(2000, help="test examples probed (stratified by class); "
+                                           "0 or none: all")
+    corruptions: list[str] | None = option(None, help="CIFAR-10-C corruptions (default: all 15)")
+    severities: list[int] = option(factory=lambda: [1, 2, 3, 4, 5], choices=(1, 2, 3, 4, 5),
+                                   help="corruption severities")
+    seed: int = option(0, help="random seed of the subset and of the random draws")
+    occlusion: bool = option(True, help="grey-patch occlusion and random erasing")
+    blend: bool = option(True, help="blend toward the nearest other class's prototype")
+    cifar10c: str | None = option(None, help="a real CIFAR-10-C folder (<corruption>.npy, "
+                                             "labels.npy) instead of generated corruptions")
+    device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")
+    batch_size: int = option(128, help="images per forward pass")
+
+
+@dataclass
+class FinetuneConfig:
+    mode: str = option("all", choices=("head", "mlp", "last", "all"),
+                       help="head: softmax regression on the cached features; mlp: MLP with "
+                            "dropout on them; last: the backbone's last stage + classifier; "
+                            "all: every layer")
+    epochs: int = option(10, help="training epochs")
+    batch_size: int = option(128, help="examples per step")
+    lr: float | None = option(None, help="peak learning rate (default 0.01 sgd, 1e-3 adamw)")
+    optimizer: str = option("sgd", choices=("sgd", "adamw"), help="optimizer")
+    weight_decay: float = option(5e-4, help="weight decay")
+    momentum: float = option(0.9, help="SGD momentum (Nesterov)")
+    warmup_epochs: float = option(1.0, help="linear warm-up, then cosine decay to 0")
+    label_smoothing: float = option(0.0, help="label smoothing of the cross-entropy")
+    hidden: list[int] = option(factory=lambda: [512], help="hidden widths (--mode mlp)")
+    dropout: float = option(0.5, help="dropout (--mode mlp)")
+    augment: bool = option(True, help="random crop / flip (image modes)")
+    head_init: str = option("auto", choices=("auto", "new", "model"),
+                            help="model: keep the backbone's own classifier; new: a fresh linear "
+                                 "layer; auto: model when the run used the model's head")
+    subset: int | None = option(None, help="train on this many train examples (stratified)")
+    folds: int = option(0, help="K >= 2: K more fine-tunes give out-of-fold train predictions; "
+                                "0: in-sample (flagged as such)")
+    aum_runs: int = option(2, choices=(0, 1, 2),
+                           help="runs with AUM threshold samples (2: every example gets a "
+                                "verdict; 0: no AUM flags)")
+    precision: str = option("fp32", choices=("fp32", "bf16", "auto"), help="training precision")
+    device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")
+    num_workers: int | None = option(None, help="image decoding workers (default: the run's)")
+    seed: int | None = option(None, help="random seed (default: the run's)")
+    resume: bool = option(False, help="continue from the last checkpoints (same options); "
+                                      "else start over")
+    keep_checkpoints: int = option(2, help="checkpoints kept per job")
+
+
+@dataclass
+class DepthConfig:
+    subset: int | None = option(None, help="examples per split at most (stratified)")
+    k: int | None = option(None, help="neighbours of the layer probes (default: the run's k)")
+    token_pool: str = option("mean", choices=("mean", "cls"),
+                             help="how a ViT layer's tokens become one vector")
+    device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")
+    batch_size: int = option(128, help="images per forward pass")
+
+
+@dataclass
+class CompareConfig:
+    out: str | None = option(None, help="folder to write (default RUN_A/compare_<B>)")
+    split: str = option("test", help="split compared")
+    quantile: float = option(0.1, help="share of each run called hard")
+    top: int = option(12, help="thumbnails per group")
+
+
+@dataclass
+class ReportConfig:
+    top: int = option(24, help="hardest examples shown as a grid")
+    max_rows: int = option(200, help="rows per table at most")
+    out: str | None = option(None, help="file or folder to write (default RUN_DIR/report.html)")
