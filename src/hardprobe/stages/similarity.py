@@ -12,7 +12,7 @@ take (N, D) arrays; `similarity_run` is the stage that writes RUN_DIR/similarity
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -29,6 +29,8 @@ from ..heads.knn import (
 )
 from ..rundir.layout import require
 from ..rundir.run import Run, load_run
+
+log = logging.getLogger(__name__)
 
 TRAIN = "train"
 OUT_DIR = "similarity"
@@ -285,9 +287,7 @@ def similarity_run(run_dir, *, top=24, k=8, split="test", map_method="tsne",
     ex = run.split_examples(split)
     ex["label_issue"] = ex["label_issue"].astype(bool) if "label_issue" in ex else False
     out, secs = run.path / OUT_DIR, {}
-    def say(msg):
-        if progress:
-            print(f"[similarity] {msg}", file=sys.stderr)
+    say = log.info if progress else (lambda msg: None)
     X, names = run.features(split), run.class_names  # (N, D)
 
     say(f"train neighbours of the hardest {split} examples")
