@@ -84,8 +84,7 @@ def test_no_import_cycle_in_src():
 # The report redraws perturb's thumbnails with perturb's own corruption code (issue 12: perturb
 # should store what the report shows).
 UPWARD_ALLOWED = {("hardprobe.report.perturb_section", "hardprobe.stages.perturb")}
-LONG_ALLOWED = {"hardprobe/cli.py:_parser", "hardprobe/cli.py:_dispatch",
-                "hardprobe/stages/depth.py:depth_run", "hardprobe/stages/finetune/stage.py:finetune_run",
+LONG_ALLOWED = {"hardprobe/stages/depth.py:depth_run", "hardprobe/stages/finetune/stage.py:finetune_run",
                 "hardprobe/stages/perturb/stage.py:perturb_run"}
 
 
