@@ -271,13 +271,15 @@ def _print_summary(run_dir) -> None:
 
 def _print_rank(df, class_names: list[str]) -> None:
     import pandas as pd
-    cols = [c for c in ("id", "label_name", "hardness", "label_issue", "knn_disagreement")
-            if c in df.columns]
+    cols = [c for c in ("id", "label_name", "hardness", "failure_mode", "label_issue",
+                        "knn_disagreement") if c in df.columns]
     cols += [c for c in df.columns if c.startswith(("pred_", "prob_true_"))]
     df = df[cols].copy()
     for c in cols:  # predicted class indices -> names, as a person reads them
         if c.startswith("pred_"):
             df[c] = [class_names[i] for i in df[c]]
+    # cleanlab's flag is a candidate for review, never a verdict (the diagnosis gives causes)
+    df = df.rename(columns={"label_issue": "issue_candidate"})
     with pd.option_context("display.max_columns", None, "display.width", 200):
         print(df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
