@@ -134,6 +134,13 @@ class RunConfig:
         0.0,
         help="flip this share of the train labels (with --seed) to measure how well label issues"
              " are found; the originals are kept in clean_label")
+    labels: str | None = option(
+        None,
+        help="replace the given labels of --labels-split with this file's (e.g. CIFAR-10N's "
+             "human noisy labels): .npy in dataset order, or .csv/.parquet with an id or path "
+             "column and a label column (names or indices); the originals are kept in "
+             "clean_label and label issues are scored against them")
+    labels_split: str = option("train", help="split whose labels --labels replaces")
     # explain / similarity / report (parts of `hardprobe run`; 0 / false skips a stage)
     top: int = option(
         24,
@@ -214,6 +221,9 @@ def _check_consistency(cfg: RunConfig) -> None:
     if not 0.0 <= cfg.label_noise < 1.0:
         raise ConfigError(f"label_noise is a share of the train labels in [0, 1), not "
                           f"{cfg.label_noise}")
+    if cfg.labels and cfg.label_noise > 0:
+        raise ConfigError("labels and label_noise both change the given labels; pass one of "
+                          "them")
     if cfg.top < 0:
         raise ConfigError("top must be >= 0 (0 skips explain)")
     for name in ("k", "batch_size", "folds", "shard_size"):

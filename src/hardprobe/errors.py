@@ -80,3 +80,7 @@ class CamWarning(UserWarning):
 
 class DeviceError(HardprobeError, RuntimeError):
     """A device, backend or torchrun setting this machine cannot honour."""
+
+
+class LabelFileError(HardprobeError, ValueError):
+    """A label file (--labels, --soft-labels) that does not fit the split it is meant for."""

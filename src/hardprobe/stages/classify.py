@@ -23,7 +23,8 @@ from ..scoring import scores
 from .extract.stage import check_fit_classes
 
 HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
-             "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise")
+             "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise",
+             "labels", "labels_split")
 
 
 def _classify_key(run: Run, cfg: RunConfig) -> str:

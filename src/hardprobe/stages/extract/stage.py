@@ -18,6 +18,7 @@ from ...core import distributed
 from ...core.device import resolve_device
 from ...core.io import atomic_write_text, write_json
 from ...data.datasets import EXAMPLE_COLUMNS, ImageSet, load_dataset, plant_label_noise
+from ...data.label_files import apply_labels, read_labels
 from ...errors import ConfigError, DataError
 from ...rundir.layout import FIT_SPLIT
 from ...rundir.run import feature_path, link_or_copy, save_array, write_examples
@@ -42,6 +43,7 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                test=cfg.test, download=cfg.download)
     if FIT_SPLIT in dataset.splits:  # fail before the long extraction, not after it
         check_fit_classes(dataset.splits[FIT_SPLIT].examples["label"], dataset.class_names)
+    new_labels = _label_file(cfg, dataset)  # read before the long extraction, not after
     use_head = model_head_applies(backbone, dataset.class_names, cfg.use_model_head)
     entries, frames, skipped = {}, [], []
     for name, split in dataset.splits.items():
@@ -67,6 +69,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         return out
     examples = pd.concat(frames, ignore_index=True)[EXAMPLE_COLUMNS]
     examples = plant_label_noise(examples, cfg.label_noise, dataset.class_names, seed=cfg.seed)
+    if new_labels is not None:
+        examples = apply_labels(examples, new_labels, dataset.class_names)
     if not _same_examples(out, examples):  # a rerun on the same images keeps the scores
         write_examples(out, examples)
     skipped = pd.concat(skipped, ignore_index=True)[EXAMPLE_COLUMNS + ["error"]]
@@ -76,6 +80,20 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
     write_json(out / "provenance.json", _provenance(cfg, backbone, dataset, entries, use_head,
                                                     time.perf_counter() - t0))
     return out
+
+
+def _label_file(cfg: RunConfig, dataset: ImageSet) -> pd.Series | None:
+    """--labels: id -> class index for every image of cfg.labels_split (dataset order, so a
+    .npy lines up even when some images are later skipped as undecodable); None without it."""
+    if not cfg.labels:
+        return None
+    if cfg.labels_split not in dataset.splits:
+        raise ConfigError(f"labels_split {cfg.labels_split!r} is not a split of this dataset "
+                          f"({', '.join(dataset.splits)})")
+    split = dataset.splits[cfg.labels_split].examples
+    labels = read_labels(cfg.labels, split, len(dataset.class_names),
+                         class_names=dataset.class_names)
+    return pd.Series(labels, index=split["id"].to_numpy())
 
 
 def _write_split_features(out: Path, split: str, entry, arrays: dict, ok: np.ndarray) -> None:
