@@ -11,9 +11,11 @@ and predictions, so that components gather errors of one kind), with scikit-lear
    probabilities. GaussianMixture(covariance_type="diag", reg_covar=REG_COVAR).
    Weights: with diagonal covariances, a component holding one class has variance about
    REG_COVAR on the label dimensions, so a point of another class pays about
-   label_weight**2 / (2 * REG_COVAR) nats per mismatched label dimension (25 at the defaults):
-   labels nearly fix membership and slices stay within a class, as with Domino's large label
-   weight. Probabilities pay the same per unit of squared difference, so components also
+   label_weight**2 / (2 * REG_COVAR) nats per mismatched label dimension (225 at the
+   defaults): labels fix membership and slices stay within a class, as with Domino's large
+   label weight. Measured on cifar_resnet56's 10,000 test images: label_weight 1 leaves
+   components whose dominant class holds as little as 35% of their members (mean 85%), 2 as
+   little as 40%, 3 makes every component one class. Probabilities pay the same per unit of squared difference, so components also
    separate confidently-wrong from right examples of one class on the fit half.
 3. Held-out assignment. A held-out example is assigned by the mixture's *marginal* over the
    PCA and label dimensions only (a diagonal Gaussian marginalises by dropping dimensions):
@@ -76,7 +78,7 @@ def stratified_halves(labels, seed: int = 0) -> np.ndarray:
 
 
 def find_slices(features, labels, probs, *, n_components: int | None = None, seed: int = 0,
-                pca_dim: int = 32, label_weight: float = 1.0, prob_weight: float = 1.0,
+                pca_dim: int = 32, label_weight: float = 3.0, prob_weight: float = 1.0,
                 alpha: float = 0.05, min_size: int = 10, n_boot: int = 10000,
                 ids=None, class_names=None, image_stats: pd.DataFrame | None = None,
                 flips: pd.DataFrame | None = None, failure_mode=None,
@@ -94,7 +96,13 @@ def find_slices(features, labels, probs, *, n_components: int | None = None, see
     p = np.asarray(probs, np.float64)
     n, n_classes = len(y), p.shape[1]
     held = stratified_halves(y, seed)
-    k = n_components or max(2, min(4 * n_classes, int((~held).sum()) // 25))
+    n_fit = int((~held).sum())
+    k = min(n_components or max(2, min(4 * n_classes, n_fit // 25)), n_fit // 2)
+    if k < 2:  # too few examples to fit two components: no slice can be shown held out
+        log.warning("slices: %d fit examples are too few for a mixture; no slices", n_fit)
+        return SliceResult(np.full(n, -1, np.int64), [], held, np.full(n, np.nan),
+                           np.full(n, -1, np.int64), {"n_fit": n_fit, "tested": 0},
+                           None if ids is None else [str(i) for i in ids])
     gmm, space = _fit_mixture(x, y, p, ~held, k=k, seed=seed, pca_dim=pca_dim,
                               label_weight=label_weight, prob_weight=prob_weight)
     comp, resp = _assign(gmm, space, x, y)
@@ -208,6 +216,8 @@ def _describe(ctx: _Context, members: np.ndarray, resp: np.ndarray) -> dict:
     if ctx.modes is not None:
         mix = pd.Series(np.asarray(ctx.modes)[members]).value_counts(normalize=True).to_dict()
     text = f"{pair['given']} -> {pair['predicted']}"
+    if len(wrong):
+        text += f" ({pair['share_of_errors']:.0%} of its errors)"
     named = [f"{'higher' if z > 0 else 'lower'} {s} (z={z:+.1f})" for s, z in stats_z.items()
              if abs(z) >= EFFECT]
     if named:
