@@ -206,7 +206,9 @@ def summary(ctx: Context) -> str:
         ("similarity", "computed" if ctx.sim else "not computed"),
     ]
     if m.get("planted_noise"):
-        pairs.insert(5, ("planted label noise", _planted(m["planted_noise"])))
+        labels = ctx.run.config.labels  # --labels FILE: another label set, not planted flips
+        pairs.insert(5, ("labels from " + esc(Path(labels).name) if labels
+                         else "planted label noise", _planted(m["planted_noise"], labels)))
     warns = list(m.get("warnings", [])) + ctx.problems
     if ctx.explain:
         warns += [f"explain: {w}" for w in ctx.explain["meta"].get("warnings", [])]
@@ -310,11 +312,14 @@ BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sectio
 __all__ = ["write_report", "Context", "SECTIONS"]
 
 
-def _planted(d: dict) -> str:
-    """--label-noise: how many train labels were flipped and how many label_issue caught."""
+def _planted(d: dict, labels_file: str | None = None) -> str:
+    """--label-noise or --labels: how many train labels differ from the originals and how many
+    of them label_issue caught."""
     def pct(v):
         return "—" if v is None else f"{100 * v:.1f}%"
-    return (f"<b>{fmt(d['planted'])}</b> of {fmt(d['n'])} train labels flipped on purpose "
+    how = (f"differ from the originals in {esc(labels_file)}" if labels_file
+           else "flipped on purpose")
+    return (f"<b>{fmt(d['planted'])}</b> of {fmt(d['n'])} train labels {how} "
             f"(<code>planted_noise</code>); <code>label_issue</code> caught {fmt(d['caught'])}: "
             f"recall {pct(d.get('recall'))}, precision {pct(d.get('precision'))} (base rate "
             f"{pct(d.get('base_rate'))}), AUROC of −label_quality {fmt(d.get('auroc'), 3)}")
