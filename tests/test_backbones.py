@@ -478,3 +478,41 @@ def test_published_cifar_file_found_in_torch_hub_dir(offline):
     (offline / "resnet20-12fca82f.th").symlink_to(CIFAR_CKPT / "resnet20-12fca82f.th")
     bb = create_backbone("cifar_resnet20")
     assert bb.weights_id == W.weights_id(CIFAR_CKPT / "resnet20-12fca82f.th")
+
+
+# ---------------------------------------------------------------- weights metadata (issue 12)
+def test_registry_describes_its_weights_as_data(tmp_path, monkeypatch):
+    from hardprobe import doctor
+    from hardprobe.backbones._registry import identify_weights, registered_weights
+    ws = {w.name: w for w in registered_weights()}
+    c20 = ws["cifar_resnet20"]
+    assert c20.trained_on == "cifar10:train" and c20.licence == "BSD-2-Clause"
+    assert c20.sha256.startswith("12fca82f") and len(c20.sha256) == 64
+    assert c20.metric == {"cifar10:test top-1": 0.9173}
+    assert ws["cifar_resnet110"].sha256 == "1d1ed7c2"  # only the name's prefix is published
+    assert ws["resnet50.IMAGENET1K_V2"].trained_on == "imagenet-1k:train"
+    assert ws["vit_b_16.IMAGENET1K_SWAG_E2E_V1"].trained_on.endswith("+ imagenet-1k:train")
+    assert identify_weights("cifar_resnet20", c20.sha256) is c20
+    assert identify_weights("cifar_resnet20", "0" * 64) is None
+    # doctor lists exactly the registry's weights, found or not
+    monkeypatch.setattr(W, "hub_checkpoints_dir", lambda: tmp_path)
+    (tmp_path / "resnet20-12fca82f.th").write_bytes(b"x")
+    listed = doctor.published_weights_on_disk()
+    assert list(listed) == list(ws)
+    assert listed["cifar_resnet20"] == str(tmp_path / "resnet20-12fca82f.th")
+    assert listed["resnet50.IMAGENET1K_V1"] is None
+
+
+def test_loaded_weights_say_what_they_were_trained_on(tmp_path):
+    from hardprobe.backbones.timm_models import weights_info
+    assert create_backbone("cifar_resnet20", random_init=True).weights_info is None
+    path = tmp_path / "mine.pth"  # a file of the right shape that is not the published one
+    torch.save(create_backbone("cifar_resnet20", random_init=True).model.state_dict(), path)
+    assert create_backbone("cifar_resnet20", weights=str(path)).weights_info is None
+    assert weights_info("vit_small", {"tag": "augreg_in21k_ft_in1k"}).trained_on == \
+        "imagenet-21k:train + imagenet-1k:train"
+    assert weights_info("x", {"tag": "lvd142m"}).trained_on == "lvd-142m"
+    assert weights_info("x", {"tag": "custom"}).trained_on is None
+    if CIFAR_CKPT.is_dir():  # the real published file is recognised by its sha256
+        bb = create_backbone("cifar_resnet20", weights=str(CIFAR_CKPT / "resnet20-12fca82f.th"))
+        assert bb.weights_info.trained_on == "cifar10:train"

@@ -158,7 +158,7 @@ def tiny_run(tmp_path):
 
 
 def test_depth_run_end_to_end(tiny_run, monkeypatch):
-    out = D.depth_run(tiny_run, progress=False)
+    out = D.depth_run(tiny_run, k=None, progress=False)  # k=None: the run's k (5)
     run = hardprobe.load_run(tiny_run)
     layers = read_json(out / "layers.json")["layers"]
     assert layers == [f"layer{s}.{i}" for s in (1, 2, 3) for i in range(3)]
@@ -184,14 +184,34 @@ def test_depth_run_end_to_end(tiny_run, monkeypatch):
 
     # a rerun reads the cached layer features; a subset leaves the other rows NaN
     monkeypatch.setattr(D, "_fill_shards", lambda *a, **k: pytest.fail("recomputed"))
-    D.depth_run(tiny_run, progress=False)
+    D.depth_run(tiny_run, k=None, progress=False)
     monkeypatch.undo()
-    D.depth_run(tiny_run, subset=6, progress=False)
+    D.depth_run(tiny_run, k=None, subset=6, progress=False)
     ex = hardprobe.load_run(tiny_run).examples
     covered = ex[ex["prediction_depth"].notna()]
     assert covered.groupby("split").size().to_dict() == {"test": 6, "train": 6}
     assert covered.groupby(["split", "label"]).size().eq(2).all()  # stratified: 2 per class
     assert read_json(out / "summary.json")["subset"] == 6
+
+
+def test_depth_probes_default_to_baldocks_k_not_the_runs(tiny_run):
+    """Issue 13, item 9: Baldock et al. probe with k = 30; the run's kNN head uses k = 5 here."""
+    import inspect
+
+    from hardprobe.config import DepthConfig
+    assert inspect.signature(D.depth_run).parameters["k"].default == 30 == DepthConfig().k
+    out = D.depth_run(tiny_run, progress=False)  # 36 train examples: k = 30 fits
+    s, layers = read_json(out / "summary.json"), read_json(out / "layers.json")
+    assert s["k"] == s["k_used"] == layers["k"] == 30
+    assert any("k = 30 as in Baldock" in n and "k = 5" in n for n in s["notes"])
+    d = pd.read_parquet(out / "depth.parquet")
+    # the last probe (the embedding) is a 30-neighbour vote: recompute it from the run
+    run = hardprobe.load_run(tiny_run)
+    tr = run.examples["split"].to_numpy() == "train"
+    want = D.layer_knn_predictions([run.features("train")], run.examples.loc[tr, "label"]
+                                   .to_numpy(), k=30, n_classes=len(run.class_names))[0]
+    got = d[d["split"] == "train"].set_index("id").loc[run.examples.loc[tr, "id"], "knn_pred_8"]
+    assert (got.to_numpy() == want).mean() >= 0.95
 
 
 def test_depth_run_needs_scores(tmp_path):

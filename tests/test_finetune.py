@@ -329,3 +329,51 @@ def test_augment_is_seeded_and_light():
     assert not torch.equal(a, augment(x, torch.Generator().manual_seed(1)))
     big = torch.randint(0, 256, (2, 3, 96, 96), dtype=torch.uint8)
     assert augment(big, torch.Generator().manual_seed(0)).shape == big.shape
+
+
+# ---------------------------------------------------------------- issue 13, item 4
+def test_in_sample_predictions_come_from_a_run_that_trained_the_real_label(tmp_path,
+                                                                          monkeypatch):
+    """folds=0 with two AUM runs: run 0 trains its threshold samples under the fake class, so
+    their predictions must come from run 1, which trained them under their given label."""
+    from hardprobe.stages.finetune import stage as S
+    run = synthetic_run(tmp_path / "syn", n_train=160, n_test=40, n_classes=3, noise=0.0)
+    predicted, real = [], S._job
+
+    def spy(ctx, name, index, pos, labels, n_extra, *, predict_train=None, **kw):
+        if predict_train is not None:
+            predicted.append((name, labels[predict_train]))
+        return real(ctx, name, index, pos, labels, n_extra, predict_train=predict_train, **kw)
+    monkeypatch.setattr(S, "_job", spy)
+    out = finetune_run(run, mode="head", epochs=8, lr=0.05, batch_size=32, progress=False)
+    assert {n for n, _ in predicted} == {"run0", "run1"}
+    assert all((lab < 3).all() for _, lab in predicted)  # never the fake class 3
+    assert sum(len(lab) for _, lab in predicted) == 160
+    dyn = np.load(out / "dynamics.npz")
+    tr = pd.read_parquet(run / "examples.parquet").set_index("id").loc[dyn["ids"]]
+    thr0 = dyn["is_threshold"][0]
+    # separable classes: the in-sample predictions of run 0's threshold samples are as right
+    # as everyone else's (run 0's fake-label training would have pushed them down)
+    acc = (tr["ft_pred"].astype(int) == tr["label"])
+    assert acc[thr0].mean() >= 0.9 and acc[~thr0].mean() >= 0.9
+    assert (tr.loc[thr0, "ft_prob_true"].median()
+            >= tr.loc[~thr0, "ft_prob_true"].quantile(0.25) - 0.1)
+
+
+def test_one_aum_run_leaves_its_threshold_samples_without_prediction(tmp_path):
+    from hardprobe.report import write_report
+    run = synthetic_run(tmp_path / "syn", n_train=160, n_test=40, n_classes=3, noise=0.0)
+    out = finetune_run(run, mode="head", epochs=3, aum_runs=1, batch_size=32, progress=False)
+    s = json.loads((out / "summary.json").read_text())
+    dyn = np.load(out / "dynamics.npz")
+    thr = dyn["is_threshold"][0]
+    tr = pd.read_parquet(run / "examples.parquet").set_index("id").loc[dyn["ids"]]
+    assert thr.sum() == 160 // 4 == s["train_without_prediction"]
+    for col in ("ft_prob_true", "ft_pred", "ft_hardness"):
+        assert tr.loc[thr, col].isna().all() and tr.loc[~thr, col].notna().all(), col
+    ok = ~thr
+    want = (tr.loc[ok, "ft_pred"].astype(int) == tr.loc[ok, "label"]).mean()
+    assert s["accuracy_after"]["train"] == pytest.approx(want)
+    assert any("threshold samples" in n and "NaN" in n for n in s["notes"])
+    text = write_report(run, top=0).read_text()
+    assert "no prediction (NaN), left out of its train accuracy" in text

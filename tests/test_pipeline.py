@@ -311,3 +311,68 @@ def test_every_stage_writes_what_the_stage_table_declares(cfg):
         after = hardprobe.load_run(out).examples
         assert not any(layout.STAGES[stage].owns(c) for c in after.columns)
         pd.testing.assert_frame_equal(after, before)
+
+
+# ---------------------------------------------------------------- issue 13, item 3
+def _published_cifar_backbone(monkeypatch):
+    """Random-init cifar_resnet20 that says it carries the published CIFAR-10 weights (what a
+    --weights file with their sha256 gives), so no checkpoint is needed."""
+    from hardprobe.backbones.cifar_resnet import published_weights
+    from hardprobe.stages.extract import stage as E
+    real = E.create_backbone
+
+    def create(*a, **k):
+        bb = real(*a, **k)
+        bb.weights_info = published_weights(20)
+        return bb
+    monkeypatch.setattr(E, "create_backbone", create)
+
+
+def test_features_trained_on_the_train_labels_are_flagged(fake_cifar, tmp_path, monkeypatch):
+    from hardprobe.stages.extract.trained_on import UPPER_BOUND, rank_warning
+    _published_cifar_backbone(monkeypatch)
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="cifar10",
+                       data_root=str(fake_cifar), download=False, out=str(tmp_path / "r"),
+                       cache_dir=str(tmp_path / "c"), k=3, num_workers=0, folds=2,
+                       label_noise=0.2, similarity=False, top=0)
+    out = pipeline.run(cfg, progress=False)
+    run = hardprobe.load_run(out)
+    flag = run.provenance["features_trained_on_train"]
+    assert flag["value"] is True and flag["train_split"] == "cifar10:train"
+    assert flag["weights_trained_on"] == "cifar10:train" and "cifar10:train" in flag["reason"]
+    m = run.metrics
+    for head, per in m["heads"].items():  # every train figure says so, no test figure does
+        assert per["train"]["caveat"] == UPPER_BOUND, head
+        assert "caveat" not in per["test"], head
+    assert m["label_issue_caveat"] == {"train": UPPER_BOUND}
+    assert m["planted_noise"]["caveat"] == UPPER_BOUND
+    assert any(UPPER_BOUND in n for n in m["notes"])
+    text = (out / "report.html").read_text()
+    assert f"train accuracy ({UPPER_BOUND})" in text and f"train ECE ({UPPER_BOUND})" in text
+    assert "features trained on train" in text and "test accuracy (" not in text
+    assert rank_warning(out, "train") and rank_warning(out, None)
+    assert rank_warning(out, "test") is None
+
+
+def test_other_data_is_not_flagged_unless_the_config_says(cfg, monkeypatch):
+    import dataclasses
+
+    from hardprobe.stages.extract.trained_on import UPPER_BOUND, rank_warning, split_identity
+    _published_cifar_backbone(monkeypatch)
+    out = pipeline.run(cfg, progress=False)  # 3 colour classes: not CIFAR-10 train
+    run = hardprobe.load_run(out)
+    assert run.provenance["features_trained_on_train"]["value"] is False
+    assert "caveat" not in run.metrics["heads"]["linear"]["train"]
+    assert rank_warning(out, "train") is None
+    forced = dataclasses.replace(cfg, features_trained_on_train=True)
+    pipeline.run(forced, progress=False)
+    run = hardprobe.load_run(out)
+    assert run.provenance["features_trained_on_train"]["reason"].startswith("set by")
+    assert run.metrics["heads"]["linear"]["train"]["caveat"] == UPPER_BOUND  # reclassified
+    # an ImageFolder of CIFAR-10's classes is CIFAR-10 train only at its full 50,000 images
+    from hardprobe.backbones.cifar_resnet import CIFAR10_CLASSES
+    ds = {"name": "imagefolder", "class_names": list(CIFAR10_CLASSES),
+          "splits": {"train": {"n": 50_000}}}
+    assert split_identity(ds) == "cifar10:train"
+    assert split_identity({**ds, "splits": {"train": {"n": 49_999}}}) is None
+    assert split_identity({**ds, "class_names": CIFAR10_CLASSES[::-1]}) is None

@@ -406,3 +406,17 @@ def test_finetune_section_loads_in_headless_chromium(run_dir, tmp_path):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'id="finetune"' in dom.stdout and 'alt="dataset cartography"' in dom.stdout
     assert not console_errors(dom.stderr), console_errors(dom.stderr)
+
+
+def test_times_row_is_readable_text(run_dir):
+    """Issue 13, item 9: a stage's {part: seconds} dict reads as text, not a Python dict."""
+    add_similarity(run_dir, k=3)
+    p = run_dir / "similarity" / "summary.json"
+    s = json.loads(p.read_text())
+    s["seconds"] = {"neighbors": 0.37, "geometry": 0.1, "map": 1.25}  # no "total" (older runs)
+    p.write_text(json.dumps(s))
+    text = write_report(run_dir, top=0).read_text()
+    row = text.split("<th>times</th><td>", 1)[1].split("</td>", 1)[0]
+    assert "similarity 1.7 s (neighbors 0.4 s, geometry 0.1 s, map 1.2 s)" in row
+    assert "{" not in row and "&#x27;" not in row
+    assert row.startswith("extract ") and " · classify " in row

@@ -101,6 +101,10 @@ class RunConfig:
         None,
         help="use the model's own classifier as a head (default: when its classes are the "
              "dataset's)")
+    features_trained_on_train: bool | None = option(
+        None,
+        help="the train split is data the weights were trained on, so train figures are upper "
+             "bounds (default: decided from the registry, CIFAR-10 train only)")
     # heads
     heads: list[str] = option(
         factory=lambda: ["knn", "linear", "model"], choices=("knn", "linear", "model"),
@@ -330,7 +334,8 @@ class FinetuneConfig:
 @dataclass
 class DepthConfig:
     subset: int | None = option(None, help="examples per split at most (stratified)")
-    k: int | None = option(None, help="neighbours of the layer probes (default: the run's k)")
+    k: int = option(30, help="neighbours of the layer probes (30 as in Baldock et al. 2021; "
+                             "not the run's k)")
     token_pool: str = option("mean", choices=("mean", "cls"),
                              help="how a ViT layer's tokens become one vector")
     device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")

@@ -43,17 +43,16 @@ def environment() -> dict:
 
 
 def published_weights_on_disk() -> dict[str, str | None]:
-    """Registry name -> path of its published weights file when found offline, else None."""
-    from torchvision.models import ResNet50_Weights, ViT_B_16_Weights
+    """Registry weights name -> path of its published file when found offline, else None.
 
+    The names and files come from the backbone registry's weights metadata
+    (`backbones._registry.registered_weights`), so a family that registers weights is listed."""
+    from .backbones._registry import registered_weights
     from .backbones._weights import hub_checkpoints_dir
-    from .backbones.cifar_resnet import PUBLISHED_FILES
+    from .backbones.build import list_backbones  # noqa: F401  (importing it registers them)
     hub = hub_checkpoints_dir()
-    files = {f"resnet50 ({w.name})": Path(w.url).name for w in ResNet50_Weights}
-    files.update({f"vit_b_16 ({w.name})": Path(w.url).name for w in ViT_B_16_Weights
-                  if w.name == "IMAGENET1K_V1"})
-    files.update({f"cifar_resnet{d}": f for d, f in PUBLISHED_FILES.items()})
-    return {name: (str(hub / f) if (hub / f).exists() else None) for name, f in files.items()}
+    return {w.name: (str(hub / w.file) if w.file and (hub / w.file).exists() else None)
+            for w in registered_weights()}
 
 
 def report(env: dict) -> str:
@@ -74,7 +73,7 @@ def report(env: dict) -> str:
     c = env["cache"]
     lines.append(f"feature cache: {c['path']} ({c['entries']} entries, {c['bytes'] / 2**20:.1f} MiB)")
     lines.append("published weights on disk (else downloaded on first use, or pass --weights):")
-    lines += [f"  {n:<28} {p or '-- not found'}" for n, p in env["weights_on_disk"].items()]
+    lines += [f"  {n:<36} {p or '-- not found'}" for n, p in env["weights_on_disk"].items()]
     lines.append(f"timm weights: Hugging Face cache at {env['hf_cache']}")
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import _weights
-from ._registry import Backbone, register
+from ._registry import Backbone, WeightsInfo, register
 from .preprocess import Preprocess
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
@@ -33,6 +33,22 @@ PUBLISHED_FILES = {  # depth -> published file name (name carries the sha256 pre
     56: "resnet56-4bfd9763.th",
     110: "resnet110-1d1ed7c2.th",
 }
+FULL_SHA256 = {  # measured on the published files; the others are known by their name's prefix
+    20: "12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8",
+    56: "4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367",
+}
+PUBLISHED_TEST_ERROR = {20: 8.27, 32: 7.37, 44: 6.90, 56: 6.61, 110: 6.32}  # %, README there
+CIFAR10_TRAIN = "cifar10:train"
+
+
+def published_weights(depth: int) -> WeightsInfo:
+    """The akamaster checkpoint of cifar_resnet<depth>: trained on the CIFAR-10 train split."""
+    fname = PUBLISHED_FILES[depth]
+    return WeightsInfo(
+        name=f"cifar_resnet{depth}", file=fname, url=RELEASE_URL + fname,
+        sha256=FULL_SHA256.get(depth) or _weights.hash_prefix_in_name(fname),
+        trained_on=CIFAR10_TRAIN, licence="BSD-2-Clause",
+        metric={"cifar10:test top-1": round(1 - PUBLISHED_TEST_ERROR[depth] / 100, 4)})
 
 
 class ShortcutA(nn.Module):
@@ -120,6 +136,7 @@ def _factory(depth: int):
                              f"{weights_tag!r} is not supported (use --weights FILE)")
         with _weights.seeded(0) as seed_id:
             model = CifarResNet(depth)
+        info = None
         if random_init:
             wid = seed_id
         else:
@@ -128,6 +145,8 @@ def _factory(depth: int):
             sd = _weights.load_state_dict(path, trust=trust_weights)
             _weights.load_into(model, sd, source=str(path), expected=name)
             wid = _weights.weights_id(path)
+            published = published_weights(depth)
+            info = published if published.matches(wid.split(":", 1)[1]) else None
         pre = Preprocess(resize_size=None, crop_size=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)
         if image_size is not None:
             pre = pre.with_image_size(image_size)
@@ -138,10 +157,12 @@ def _factory(depth: int):
             forward_fn=_forward, depth_layers=depth_layers,
             extra={"family": "cifar_resnet", "depth": depth,
                    "published_weights": RELEASE_URL + PUBLISHED_FILES[depth]},
+            weights_info=info,
         )
     return build
 
 
 for _depth in PUBLISHED_FILES:
     register(f"cifar_resnet{_depth}", _factory(_depth),
-             f"CIFAR-10 ResNet-{_depth} (He et al. 2016, option A), 32x32 input, 10 classes")
+             f"CIFAR-10 ResNet-{_depth} (He et al. 2016, option A), 32x32 input, 10 classes",
+             weights=(published_weights(_depth),))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownModelError
 from . import _weights
-from ._registry import Backbone, register
+from ._registry import Backbone, WeightsInfo, register
 from .preprocess import Preprocess
 from .torchvision_models import tokens_to_grid
 
@@ -178,6 +178,23 @@ def _cam_and_depth(model: nn.Module) -> tuple[str, object, list[str]]:
     return cam, reshape, depth
 
 
+_TAG_DATA = (("laion2b", "laion-2b"), ("lvd142m", "lvd-142m"), ("in21k", "imagenet-21k:train"),
+             ("in22k", "imagenet-21k:train"), ("in12k", "imagenet-12k:train"),
+             ("in1k", "imagenet-1k:train"))
+
+
+def weights_info(model_name: str, cfg) -> WeightsInfo:
+    """timm's pretrained cfg as registry data. trained_on is read from the weights tag's
+    dataset tokens (e.g. "in21k_ft_in1k" -> "imagenet-21k:train + imagenet-1k:train", in the
+    tag's order); None when the tag names no dataset we know."""
+    tag = _cfg_get(cfg, "tag") or ""
+    found = sorted((tag.find(tok), data) for tok, data in _TAG_DATA if tok in tag)
+    trained = " + ".join(dict.fromkeys(d for _, d in found)) or None
+    return WeightsInfo(name=f"{PREFIX}{model_name}", file=_cfg_get(cfg, "hf_hub_filename") or "",
+                       url=_cfg_get(cfg, "url") or _cfg_get(cfg, "hf_hub_id"),
+                       trained_on=trained, licence=_cfg_get(cfg, "license"), tag=tag or None)
+
+
 def _class_names(model: nn.Module) -> list[str] | None:
     n = getattr(model, "num_classes", 0)
     if not n:
@@ -228,6 +245,7 @@ def _build(name: str, *, weights: str | None, weights_tag: str | None, random_in
             if pretrained and _weights.is_download_error(e):
                 raise _unavailable(model_name, cfg, e) from e
             raise
+    info = None
     if random_init:
         wid = seed_id
     elif weights is not None:
@@ -239,6 +257,7 @@ def _build(name: str, *, weights: str | None, weights_tag: str | None, random_in
         used = _cached_pretrained_file(cfg)
         source = _cfg_get(cfg, "hf_hub_id") or _cfg_get(cfg, "url") or _cfg_get(cfg, "tag")
         wid = _weights.weights_id(used) if used is not None else f"timm:{model_name}:{source}"
+        info = weights_info(model_name, cfg)
 
     pre = Preprocess.from_timm(resolve_data_config({}, model=model))
     if image_size is not None:
@@ -252,6 +271,7 @@ def _build(name: str, *, weights: str | None, weights_tag: str | None, random_in
         forward_fn=_TimmForward(has_head), cam_reshape=reshape, depth_layers=depth,
         extra={"family": "timm", "timm_name": model_name,
                "num_classes": getattr(model, "num_classes", 0)},
+        weights_info=info,
     )
 
 

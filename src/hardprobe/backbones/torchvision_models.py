@@ -21,7 +21,7 @@ from torchvision.models.vision_transformer import interpolate_embeddings
 
 from ..errors import ConfigError
 from . import _weights
-from ._registry import Backbone, register
+from ._registry import Backbone, WeightsInfo, register
 from .preprocess import Preprocess
 
 # ---------------------------------------------------------------------------- forwards
@@ -70,6 +70,35 @@ class _GridReshape:
 
 
 # ---------------------------------------------------------------------------- weights
+
+IMAGENET1K_TRAIN = "imagenet-1k:train"
+_PRETRAINED_ON = {"SWAG": "instagram-3.6b (weakly supervised) + "}  # SWAG: IG-3.6B first
+
+
+def weights_info(name: str, tvw) -> WeightsInfo:
+    """torchvision's own description of a weights enum member, as registry data."""
+    extra = next((v for k, v in _PRETRAINED_ON.items() if k in tvw.name), "")
+    acc = tvw.meta.get("_metrics", {}).get("ImageNet-1K", {}).get("acc@1")
+    return WeightsInfo(
+        name=f"{name}.{tvw.name}", file=Path(tvw.url).name, url=tvw.url,
+        sha256=_weights.hash_prefix_in_name(tvw.url), trained_on=extra + IMAGENET1K_TRAIN,
+        licence="BSD-3-Clause (torchvision)",
+        metric={} if acc is None else {"imagenet-1k:val top-1": acc / 100}, tag=tvw.name)
+
+
+def _info(name: str, tvw, weights: str | None, wid: str) -> WeightsInfo | None:
+    """The registry entry of the weights loaded: torchvision's file, or a --weights FILE that
+    is one of the published files (same sha256 prefix); None for anything else."""
+    if weights is None:
+        return weights_info(name, tvw)
+    digest = wid.split(":", 1)[1]
+    return next((w for w in _published(name) if w.matches(digest)), None)
+
+
+def _published(name: str) -> tuple[WeightsInfo, ...]:
+    enum = {"resnet50": tvm.ResNet50_Weights, "vit_b_16": tvm.ViT_B_16_Weights}[name]
+    default = enum.DEFAULT
+    return tuple(weights_info(name, w) for w in [default, *(w for w in enum if w != default)])
 
 
 def _hub_file(weights) -> Path:
@@ -125,6 +154,7 @@ def _build_resnet50(name: str, *, weights: str | None, weights_tag: str | None, 
     if sd is not None:
         _weights.load_into(model, sd, source=str(path), expected=name, assign=True)
         wid = _weights.weights_id(path)
+    info = None if sd is None else _info(name, tvw, weights, wid)
     pre = Preprocess.from_torchvision(tvw.transforms())
     if image_size is not None:
         pre = pre.with_image_size(image_size)
@@ -133,6 +163,7 @@ def _build_resnet50(name: str, *, weights: str | None, weights_tag: str | None, 
         class_names=list(tvw.meta["categories"]), cam_layer="layer4", weights_id=wid,
         forward_fn=_resnet_forward, depth_layers=["layer1", "layer2", "layer3", "layer4"],
         extra={"family": "torchvision", "weights_tag": tvw.name, "url": tvw.url},
+        weights_info=info,
     )
 
 
@@ -153,6 +184,7 @@ def _build_vit_b_16(name: str, *, weights: str | None, weights_tag: str | None, 
             sd = interpolate_embeddings(size, model.patch_size, sd)
         _weights.load_into(model, sd, source=str(path), expected=name, assign=True)
         wid = _weights.weights_id(path)
+    info = None if sd is None else _info(name, tvw, weights, wid)
     pre = Preprocess.from_torchvision(tvw.transforms())
     if size != pre.crop_size:
         pre = pre.with_image_size(size)
@@ -165,10 +197,13 @@ def _build_vit_b_16(name: str, *, weights: str | None, weights_tag: str | None, 
         forward_fn=_vit_forward, cam_reshape=_GridReshape(grid),
         depth_layers=[f"encoder.layers.encoder_layer_{i}" for i in range(last + 1)],
         extra={"family": "torchvision", "weights_tag": tvw.name, "url": tvw.url, "grid": grid},
+        weights_info=info,
     )
 
 
 register("resnet50", _build_resnet50,
-         "torchvision ResNet-50, ImageNet-1k (weights IMAGENET1K_V2, or IMAGENET1K_V1), 2048-d")
+         "torchvision ResNet-50, ImageNet-1k (weights IMAGENET1K_V2, or IMAGENET1K_V1), 2048-d",
+         weights=_published("resnet50"))
 register("vit_b_16", _build_vit_b_16,
-         "torchvision ViT-B/16, ImageNet-1k (weights IMAGENET1K_V1), 224x224, 768-d class token")
+         "torchvision ViT-B/16, ImageNet-1k (weights IMAGENET1K_V1), 224x224, 768-d class token",
+         weights=_published("vit_b_16"))

@@ -151,7 +151,15 @@ def _accuracy(s: dict) -> str:
             + '<p class="caption">Frozen-feature heads of the run (before) and the fine-tuned '
               "model (after); train accuracy against the given labels, "
               + ("in-sample" if s.get("train_in_sample") else "out-of-fold")
-              + " for the fine-tuned model.</p>")
+              + " for the fine-tuned model" + _no_prediction(s) + ".</p>")
+
+
+def _no_prediction(s: dict) -> str:
+    """Train examples left out of the fine-tuned train accuracy (AUM threshold samples in
+    every run: no model trained them under their given label)."""
+    n = s.get("train_without_prediction") or 0
+    return (f"; {fmt(n)} train examples were threshold samples (fake label) in every AUM run: "
+            "no prediction (NaN), left out of its train accuracy" if n else "")
 
 
 def _regions_text(s: dict) -> str:

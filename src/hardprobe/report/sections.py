@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .caveats import upper_bound
 from .template import esc, fmt, img, not_computed, pct, table, truncation_note
 
 THUMB, SMALL, TINY = 96, 64, 40  # px: example, neighbour, table-row thumbnails
@@ -321,7 +322,9 @@ def label_issues(ctx) -> str:
             "trained on)" if head == "model" else "out-of-sample")
     return (f'<p class="caption">Examples whose given label the {esc(head)} head\'s {kind} '
             "probabilities contradict (confident learning), lowest label quality first: "
-            f"{len(flagged):,} flagged of {len(ex):,}.</p>"
+            f"{len(flagged):,} flagged of {len(ex):,}."
+            + (f" Train flags:{upper_bound(ctx.metrics)}" if upper_bound(ctx.metrics) else "")
+            + "</p>"
             + truncation_note(len(shown), len(flagged), "flagged examples")
             + table(["image", "id", "split", "given", f"predicted ({head})", "label quality",
                      "hardness"], rows, num_cols=(5, 6)))

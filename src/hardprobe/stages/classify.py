@@ -21,6 +21,7 @@ from ..rundir.layout import FIT_SPLIT, STAGES
 from ..rundir.run import Run, load_run
 from ..scoring import scores
 from .extract.stage import check_fit_classes
+from .extract.trained_on import UPPER_BOUND, run_flag
 
 HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
              "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise",
@@ -30,7 +31,10 @@ HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_ind
 def _classify_key(run: Run, cfg: RunConfig) -> str:
     """Everything classify's output depends on: the features (cache digests) and head config."""
     feats = {s: f["key"] for s, f in run.provenance["features"].items()}
-    return key_digest({"features": feats, "heads": {k: getattr(cfg, k) for k in HEAD_KEYS}})
+    key = {"features": feats, "heads": {k: getattr(cfg, k) for k in HEAD_KEYS}}
+    if run_flag(run.provenance):  # only when set: older runs keep their digest
+        key["features_trained_on_train"] = True
+    return key_digest(key)
 
 
 
@@ -98,7 +102,23 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, d
         planted = run.examples.set_index("id").loc[fit["id"], "planted_noise"].to_numpy(bool)
         metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
                                                     -fit["label_quality"].to_numpy(float))
+    _mark_upper_bounds(metrics, run_flag(run.provenance))
     return out, metrics
+
+
+def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
+    """When the features were trained on the train labels (provenance.json), say so next to
+    every train figure: each head's train metrics, label issues on train, planted noise."""
+    if flag is None:
+        return
+    metrics["features_trained_on_train"] = flag
+    for per_split in metrics["heads"].values():
+        if FIT_SPLIT in per_split:
+            per_split[FIT_SPLIT]["caveat"] = UPPER_BOUND
+    metrics["label_issue_caveat"] = {FIT_SPLIT: UPPER_BOUND}
+    if metrics.get("planted_noise") is not None:
+        metrics["planted_noise"]["caveat"] = UPPER_BOUND
+    metrics["notes"].append(f"{FIT_SPLIT} figures: {UPPER_BOUND} ({flag['reason']})")
 
 
 def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):

@@ -17,13 +17,15 @@ batch fills every layer (forward hooks, inference_mode, fp32). The arrays are ca
 feature cache (CacheEntry) under a key that extends `features.feature_key` with the layer
 list, the pooling and the rows, so a rerun reads them without running the model.
 
-Probes: KNNClassifier with the run's k, temperature and vote weights, fitted on the given labels
+Probes: KNNClassifier with k = 30 neighbours by default, as Baldock et al. used (their own
+option `k`, NOT the run's kNN-head k, 20 by default; summary.json and layers.json record it),
+and the run's temperature and vote weights, fitted on the given labels
 of the train split (or of its subset); train examples are left out of their own vote
 (exclude_self=True), other splits query all of train. `subset` (optional) keeps at most that
 many examples of every split, stratified by label (seeded with the run's seed).
 
     depth_run(RUN_DIR) writes RUN_DIR/depth/
-      layers.json    {"layers": [module names, index = depth], "n_layers", "token_pool"}
+      layers.json    {"layers": [module names, index = depth], "n_layers", "token_pool", "k"}
       depth.parquet  id, split, label, final_pred, prediction_depth, knn_pred_<i>, agree_<i>
       summary.json   per split: kNN accuracy and agreement with the final prediction per layer,
                      depth counts, mean depth, Spearman(depth, hardness); k, subset, notes
@@ -54,6 +56,7 @@ from ..rundir.layout import primary_head, require
 from ..rundir.run import load_run
 from .extract.features import feature_key
 
+BALDOCK_K = 30  # neighbours of the layer probes in Baldock et al. 2021
 DEPTH_VERSION = 1  # bump when a change here changes the cached arrays for the same inputs
 OUT_DIR = "depth"
 TRAIN = "train"
@@ -234,13 +237,13 @@ def _forward_rows(backbone, split, split_rows, layers, captured, dev, batch_size
 
 
 # ------------------------------------------------------------------ stage
-def depth_run(run_dir, *, subset: int | None = None, k: int | None = None, device="auto",
+def depth_run(run_dir, *, subset: int | None = None, k: int = BALDOCK_K, device="auto",
               batch_size: int = 128, progress: bool = True, layers=None,
               token_pool: str = "mean", num_workers: int | None = None) -> Path:
     """Prediction depth of every example (or of a stratified `subset` per split) of a classified
     run; writes RUN_DIR/depth/ (see the module docstring) and returns that folder.
-    k: neighbours of the probes (default the run's k); layers: module names overriding the
-    backbone's depth_layers."""
+    k: neighbours of the probes (default 30, Baldock et al.'s; None: the run's kNN-head k);
+    layers: module names overriding the backbone's depth_layers."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
     ex = run.examples
@@ -306,13 +309,17 @@ def depth_run(run_dir, *, subset: int | None = None, k: int | None = None, devic
             "spearman_hardness": spearman(depth, t["hardness"])}
     table = pd.concat(frames, ignore_index=True)
     out = run.path / OUT_DIR
-    write_json(out / "layers.json", {"layers": layers, "n_layers": L, "token_pool": token_pool})
+    write_json(out / "layers.json", {"layers": layers, "n_layers": L, "token_pool": token_pool,
+                                     "k": k_used})
     atomic_write(out / "depth.parquet", lambda f: table.to_parquet(f, index=False))
     all_h = pd.concat([tables[s]["hardness"] for s in splits], ignore_index=True)
     notes += [f"final prediction = pred_{head}; depth = first layer index (0-based) from which "
               f"all probes agree with it; {L} = never settles",
               "probes: kNN on the train split's pooled layer features; train examples are "
-              "left out of their own vote"]
+              "left out of their own vote",
+              f"probe k = {k_used}" + (" (Baldock et al. 2021 used 30)" if k_used != BALDOCK_K
+                                       else " as in Baldock et al. 2021") +
+              f"; the run's kNN head uses k = {cfg.k}"]
     write_json(out / "summary.json", {
         "backbone": backbone.name, "layers": layers, "n_layers": L, "primary_head": head,
         "k": k, "k_used": k_used, "temperature": cfg.temperature, "knn_weights": cfg.knn_weights,

@@ -2,6 +2,7 @@
 directory with the examples skeleton, skipped.csv and provenance.json."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -23,6 +24,7 @@ from ...errors import ConfigError, DataError
 from ...rundir.layout import FIT_SPLIT
 from ...rundir.run import feature_path, link_or_copy, save_array, write_examples
 from .features import extract_split
+from .trained_on import features_trained_on_train
 
 
 def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
@@ -139,12 +141,17 @@ def _norm(name: str) -> str:
 
 def _provenance(cfg, backbone: Backbone, dataset: ImageSet, entries, use_head, seconds) -> dict:
     import torch
+    info = backbone.weights_info
     return {
         "hardprobe": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
         "platform": platform.platform(), "device": str(resolve_device(cfg.device)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 2),
         "backbone": backbone.describe(), "cam_layer": backbone.cam_layer,
         "dataset": dataset.describe(), "model_head": use_head, "features": entries,
+        "weights_info": None if info is None else dataclasses.asdict(info),
+        "features_trained_on_train": features_trained_on_train(
+            None if info is None else info.trained_on, dataset.describe(),
+            getattr(cfg, "features_trained_on_train", None)),
     }
 
 

@@ -131,19 +131,25 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
                resume=resume, keep=keep_checkpoints, progress=progress, say=say,
                use_model_head=use_model_head,
                test_labels=None if test is None else test["label"].to_numpy())
-    jobs, records, p_train, p_test, in_sample = {}, [], None, [], opts["folds"] == 0
+    jobs, records, p_test, in_sample = {}, [], [], opts["folds"] == 0
+    p_train = np.full((len(train), n_classes), np.nan)
+    # in-sample train predictions of an example come from its home run (the first run that
+    # trained it under its given label), never from a run that trained it as a fake-class
+    # threshold sample; with aum_runs=1 those have no home and stay NaN (summary note)
+    home = _home_runs(is_thr)
     for r, thr in enumerate(is_thr):
         labels = np.where(thr, n_classes, y)
-        want_pred = in_sample and r == 0
+        own = np.flatnonzero(home == r) if in_sample else np.zeros(0, np.int64)
         res = _job(ctx, f"run{r}", r, np.arange(len(train)), labels, int(bool(opts["aum_runs"])),
-                   predict_train=np.arange(len(train)) if want_pred else None,
-                   predict_test=want_pred and test is not None)
+                   predict_train=own if len(own) else None,
+                   predict_test=in_sample and r == 0 and test is not None)
         jobs[f"run{r}"] = res["info"]
         records.append(res["record"])
-        if want_pred:
-            p_train, p_test = res["train"], [res["test"]]
+        if len(own):
+            p_train[own] = res["train"]
+        if "test" in res:
+            p_test = [res["test"]]
     if not in_sample:
-        p_train = np.full((len(train), n_classes), np.nan)
         from sklearn.model_selection import StratifiedKFold
         folds_ = StratifiedKFold(n_splits=opts["folds"], shuffle=True, random_state=seed)
         for f, (tr, held) in enumerate(folds_.split(np.zeros(len(y)), y)):
@@ -163,7 +169,8 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
     run.join("finetune", per_ex[["id", *[c for c in per_ex if c.startswith(FT_PREFIX)]]])
     from .summary import summarize
     summary = summarize(run, opts, per_ex, train, jobs, verdict, data.errors, in_sample,
-                        use_model_head, time.perf_counter() - t0)
+                        use_model_head, time.perf_counter() - t0,
+                        no_home=int((home < 0).sum()) if in_sample else 0)
     write_json(out / "summary.json", summary)
     say(f"wrote {out}")
     return out
@@ -327,6 +334,13 @@ def _job(ctx, name, index, pos, labels, n_extra, *, predict_train=None, predict_
 
 
 # ------------------------------------------------------------------ per-example columns
+def _home_runs(is_thr: np.ndarray) -> np.ndarray:
+    """(N,) index of the first run in which each example kept its given label; -1 = none
+    (it was a threshold sample in every run). is_thr: (runs, N) bool."""
+    ordinary = ~np.asarray(is_thr, bool)
+    return np.where(ordinary.any(axis=0), ordinary.argmax(axis=0), -1)
+
+
 def _prediction_columns(t: pd.DataFrame, probs: np.ndarray, in_sample: bool) -> pd.DataFrame:
     n = len(t)
     df = pd.DataFrame({"id": t["id"].to_numpy(), "split": t["split"].to_numpy(),

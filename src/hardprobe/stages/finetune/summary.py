@@ -18,21 +18,27 @@ from ...scoring.scores import detection
 
 def summarize(run, opts: dict, per_ex: pd.DataFrame, train: pd.DataFrame, jobs: dict,
               verdict: dict, errors: list[str], in_sample: bool, use_model_head: bool,
-              seconds: float) -> dict:
+              seconds: float, no_home: int = 0) -> dict:
     ex = run.examples
     keep = [c for c in ("id", "label", "hardness", "label_issue", "label_quality",
                         "planted_noise", "clean_label") if c in ex.columns]
     t = per_ex.merge(ex[keep], on="id", how="left", sort=False)
     tr, te = t[t["split"] == "train"], t[t["split"] == "test"]
     dyn = tr[tr["ft_confidence"].notna()]
-    notes = ["train predictions are " + ("IN-SAMPLE (run 0's model saw these examples; pass "
-                                          "folds=K for out-of-sample ones)" if in_sample else
+    notes = ["train predictions are " + ("IN-SAMPLE (each from the first AUM run that trained "
+                                          "the example under its given label; pass folds=K for "
+                                          "out-of-sample ones)" if in_sample else
                                           f"out-of-fold ({opts['folds']} folds)"),
              "dynamics from the training forward passes (augmented inputs in the image "
              "modes), per example from its home run: the first run in which it trained with "
              "its own label",
              "AUM threshold: the 99th percentile of the threshold samples' AUM in each run; "
              "flag = AUM below the home run's threshold"]
+    if no_home:
+        notes.append(f"{no_home} train examples were AUM threshold samples (trained under the "
+                     "fake label) in every run: their ft_prob_true, ft_pred and ft_hardness are "
+                     "NaN and accuracy_after.train leaves them out (aum_runs=2 or folds=K "
+                     "predicts them)")
     if errors:
         notes.append(f"{len(errors)} image(s) could not be decoded and were left out, e.g. "
                      f"{errors[0]}")
@@ -43,6 +49,7 @@ def summarize(run, opts: dict, per_ex: pd.DataFrame, train: pd.DataFrame, jobs: 
         "train_in_sample": bool(in_sample),
         "accuracy_before": _before(run.metrics),
         "accuracy_after": {"test": _acc(te), "train": _acc(tr)},
+        "train_without_prediction": int(no_home),
         "jobs": jobs,
         "regions": {r: int((dyn["ft_region"] == r).sum()) for r in dynamics.REGIONS},
         "region_rule": {"variability_quantile": dynamics.VARIABILITY_QUANTILE,
