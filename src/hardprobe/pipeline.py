@@ -2,6 +2,7 @@
 (rundir/layout.py) and skips every stage whose stamp says its inputs did not change."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,9 @@ from .errors import ConfigError
 from .rundir.run import load_run
 from .stages.classify import classify, classify_if_changed
 from .stages.extract.stage import extract
+from .stages.extract.trained_on import rank_warning
+
+log = logging.getLogger(__name__)
 
 
 def run(cfg: RunConfig, *, progress: bool = True) -> Path:
@@ -65,7 +69,11 @@ def _optional_stage_digests(out: Path) -> dict:
 
 def rank(run_dir: str | Path, *, top: int = 20, split: str | None = "test",
          by: str = "hardness") -> pd.DataFrame:
-    """The `top` hardest examples (highest `by` first)."""
+    """The `top` hardest examples (highest `by` first). Logs a warning when train examples are
+    ranked and the features were trained on their labels (their scores are optimistic)."""
+    warning = rank_warning(run_dir, split)
+    if warning:
+        log.warning(warning)
     df = load_run(run_dir).examples
     if by not in df.columns:
         raise ConfigError(f"no column {by!r} in the run; run `hardprobe classify` first "
