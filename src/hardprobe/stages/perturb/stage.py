@@ -31,9 +31,10 @@ flip is a change of the primary head's prediction away from its prediction on th
     blend_flip_weight  smallest weight w of (1-w)*image + w*partner (BLEND_WEIGHTS) that flips;
                        1.0 = never
 
-Heads: the run's own (config: heads, k, temperature, knn_weights, linear_c, seed), refitted on
-the run's train features exactly as `classify` fits them, then applied to the features of the
-perturbed test images. Perturbed images go through the backbone's own preprocessing and the
+Heads: the run's own, as `classify` fitted and stored them in RUN_DIR/heads/ (every head
+option, knn_backend included; nothing is refitted: `rundir.heads.load_heads`), applied to the
+features of the perturbed test images rounded to the run's feature dtype, as the clean ones
+are (float16 with --feature-dtype float16: like with like, see run_heads.RunHeads). Perturbed images go through the backbone's own preprocessing and the
 batched forward of `features.py` (`_forward_indices`: uint8 resize/crop, batched normalise,
 channels_last, inference_mode, the run's precision).
 
@@ -369,7 +370,8 @@ def _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, sub
             "flips: the primary head's prediction differs from its prediction on the clean "
             "image; flip_severity 6 = no flip at any computed severity; erase_flip_area and "
             "blend_flip_weight 1.0 = no flip",
-            "heads refitted on the run's train features with the run's configuration"],
+            "heads: those classify fitted (RUN_DIR/heads/); perturbed features are rounded "
+            "to the run's feature dtype, as the clean ones are"],
     }
 
 
