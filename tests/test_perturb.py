@@ -334,11 +334,34 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "examples.parquet"), ex)
     run = hardprobe.load_run(tiny_run)
     assert not [c for c in run.examples.columns if c.endswith(("_x", "_y"))]
-    # the report section and the compare helper
+    # perturb stores the strips the report shows: the probed images, not redrawn ones
+    with np.load(out / "strips.npz") as z:
+        strip_ids = list(z["ids"])
+        assert strip_ids == ex.sort_values(["flip_severity", "id"])["id"].head(4).tolist()
+        assert int(z["severity"]) == 2 and list(z["corruptions"]) == names  # 3 not computed
+        k = 1
+        clean = run.images([strip_ids[k]])[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(z[f"clean_{k}"], clean)
+        np.testing.assert_array_equal(z[f"contrast_{k}"], P.corrupt(
+            clean, "contrast", 2, rng=P.example_rng(0, "contrast", strip_ids[k])))
+    # the report section and the compare helper; the report decodes and corrupts nothing
+    monkeypatch.setattr(hardprobe.Run, "images", lambda *a: pytest.fail("report decoded"))
     html = perturb_section(tiny_run)
+    monkeypatch.undo()
     assert "Accuracy against severity" in html and html.count("<img") >= 1 + 2 * 3
+    assert "Examples that break first" in html and html.count('class="card"') == 4
     assert "Classes that break first" in html
     assert robustness_curve_figure([run, tiny_run]).startswith(b"\x89PNG")
+
+
+def test_report_shows_perturb_s_erase_and_blend_parameters():
+    """Issue 12: the report reads the largest area and weight from summary.json instead of
+    printing "60% area" and "weight 0.9" whatever perturb used."""
+    from hardprobe.report.perturb_section import _summary_table
+    html = _summary_table({"erase": {"areas": [0.1, 0.35], "share_flipped": 0.5},
+                           "blend": {"weights": [0.2, 0.7], "share_flipped": 0.25}})
+    assert "by 35.0% area" in html and "by weight 0.7" in html
+    assert "60%" not in html and "0.9" not in html
 
 
 def test_report_reads_the_spearman_of_rank_correlation():
@@ -361,6 +384,10 @@ def test_perturb_run_reads_a_cifar10c_folder(tiny_run, tmp_path):
     ex = pd.read_parquet(out / "examples.parquet")
     assert "occlusion_max_drop" not in ex and "blend_flip_weight" not in ex
     assert not (out / "occlusion.npz").exists()
+    with np.load(out / "strips.npz") as z:  # CIFAR-10-C's own images, at severity 3
+        row = run.split_examples("test")["id"].tolist().index(str(z["ids"][0]))
+        np.testing.assert_array_equal(z["contrast_0"],
+                                      P.CIFAR10C(root).images("contrast", 3, [row])[0])
     bad = make_cifar10c(tmp_path / "bad", (labels + 1) % 3, names=("contrast",))
     with pytest.raises(P.PerturbError, match="differs from the run's test labels"):
         P.perturb_run(tiny_run, corruptions=["contrast"], cifar10c=bad, progress=False)
