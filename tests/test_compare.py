@@ -16,11 +16,11 @@ from sklearn.metrics import cohen_kappa_score
 
 import hardprobe
 from hardprobe import pipeline
+from hardprobe.compare import compare  # the stage's tables, then the report's page
 from hardprobe.config import build_config
 from hardprobe.core.io import write_json
 from hardprobe.report import plots
 from hardprobe.rundir.run import save_array, write_examples
-from hardprobe.compare import compare  # the stage's tables, then the report's page
 from hardprobe.stages import compare as C
 from hardprobe.stages.depth import depth_run
 
