@@ -16,6 +16,7 @@ from sklearn.metrics import cohen_kappa_score
 
 import hardprobe
 from hardprobe import pipeline
+from hardprobe.compare import compare  # the stage's tables, then the report's page
 from hardprobe.config import build_config
 from hardprobe.core.io import write_json
 from hardprobe.report import plots
@@ -88,7 +89,7 @@ def test_known_overlap_and_rank_agreement(known):
     a, b, y, pred_b = known
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no warning on this clean input
-        out = C.compare_runs(a, b)
+        out = compare(a, b)
     assert out == a / "compare_B"
     s = json.loads((out / "summary.json").read_text())
     assert s["n"] == N and s["n_top"] == 4
@@ -113,15 +114,15 @@ def test_known_overlap_and_rank_agreement(known):
     assert li["cohen_kappa"] == pytest.approx(cohen_kappa_score(np.isin(np.arange(N), [0, 1, 2]),
                                                                 np.isin(np.arange(N), [1, 2, 3, 4])))
     assert s["cka"] == pytest.approx(1, abs=1e-9)  # B's features: A's rotated and scaled
-    assert not s["robustness"]["shown"] and not s["depth"]["shown"]
+    assert not s["robustness"]["available"] and not s["depth"]["shown"]
     html = (out / "compare.html").read_text()
     assert_self_contained(html)
     assert EVIL not in html and "&lt;script&gt;" in html  # names and models escaped
-    assert any("thumbnails unavailable" in n for n in s["notes"])  # no images: placeholders
+    assert "thumbnails unavailable" in html  # no images: placeholders, said on the page
     assert html.count('class="missing"') == 6
 
 
-def test_rows_are_matched_by_id_and_ties_by_position(tmp_path):
+def test_rows_are_matched_by_id(tmp_path):
     h = np.r_[np.ones(4), np.zeros(N - 4)]  # ties: the first 4 of A's order are hard
     a = fake_run(tmp_path / "a", h, pred_linear=np.zeros(N, int))
     ids = [f"test/{i:02d}.png" for i in range(N)][::-1]  # B lists the same ids reversed
@@ -130,8 +131,32 @@ def test_rows_are_matched_by_id_and_ties_by_position(tmp_path):
     assert s["groups"]["both"] == 4 and s["hardness"]["spearman"]["rho"] == pytest.approx(1)
     assert s["cka"] is None and any("CKA" in n for n in s["notes"])  # no features stored
     assert "label issues: not compared" in " ".join(s["notes"])
-    group, n_top = C.hard_groups([0.5] * 10, [0.5] * 10, 0.25)
-    assert n_top == 3 and list(group[:3]) == ["both"] * 3 and set(group[3:]) == {"neither"}
+
+
+def test_ties_at_the_cut_off_are_broken_independently_per_run(tmp_path):
+    """Issue 13, item 7: with all-equal hardness the hard sets are unrelated, so about
+    n_top^2 / N = 5 of the 50 are hard for both, not 50 (row order in both runs)."""
+    n = 500
+    both = [int((C.hard_groups(np.ones(n), np.ones(n), 0.1, seeds=(s, s + 1000))[0] == "both")
+                .sum()) for s in range(20)]
+    assert np.mean(both) == pytest.approx(5, abs=1.5)  # hypergeometric mean 50 * 50 / 500
+    # without ties the tie-break changes nothing: the hard sets are the hardest, exactly
+    h = np.random.default_rng(0).permutation(n) / n
+    g1, n_top = C.hard_groups(h, h, 0.1, seeds=(1, 2))
+    g2, _ = C.hard_groups(h, h, 0.1, seeds=(3, 4))
+    assert n_top == 50 and (g1 == g2).all() and set(np.flatnonzero(g1 == "both")) == set(
+        np.argsort(-h)[:50])
+    # end to end: two runs with all-equal hardness (other classify stamps: other seeds)
+    for name in ("a", "b"):
+        fake_run(tmp_path / name, np.ones(n), pred_linear=np.zeros(n, int))
+        write_json(tmp_path / name / "stages.json", {"classify": f"stamp {name}"})
+    s = json.loads((C.compare_runs(tmp_path / "a", tmp_path / "b", out=tmp_path / "c")
+                    / "summary.json").read_text())
+    assert s["n_top"] == 50 and s["groups"]["both"] < 20
+    assert s["groups"]["tied_at_cutoff"] == {"a": n, "b": n}
+    assert any("tie at the hard-set cut-off" in m for m in s["notes"])
+    assert C.tie_seed(hardprobe.load_run(tmp_path / "a")) != C.tie_seed(
+        hardprobe.load_run(tmp_path / "b"))
 
 
 def test_id_mismatch_is_an_error(tmp_path):
@@ -170,12 +195,12 @@ def test_two_real_runs_end_to_end(tmp_path, monkeypatch):
     fake.robustness_curve_figure = lambda rs: seen.append(rs) or plots.thumbnail(
         np.zeros((8, 8, 3), np.uint8), 16)
     monkeypatch.setitem(sys.modules, "hardprobe.report.perturb_section", fake)
-    out = C.compare_runs(*runs, quantile=0.25, top=2)
+    out = compare(*runs, quantile=0.25, top=2)
     assert out == runs[0] / "compare_cifar_resnet32"
     s = json.loads((out / "summary.json").read_text())
     assert s["n"] == 12 and s["n_top"] == 3 and s["model_b"] == "cifar_resnet32"
     assert sum(s["groups"][g] for g in C.GROUPS) == 12
-    assert 0 <= s["cka"] <= 1 and s["robustness"]["shown"]
+    assert 0 <= s["cka"] <= 1 and s["robustness"]["available"]
     assert [r.path for r in seen[0]] == runs
     d = s["depth"]
     assert d["shown"] and d["n"] == 12 and (d["n_layers_a"], d["n_layers_b"]) == (9, 15)
@@ -184,7 +209,7 @@ def test_two_real_runs_end_to_end(tmp_path, monkeypatch):
     shown = sum(min(2, s["groups"][g]) for g in ("both", "only_a", "only_b"))
     # thumbnails (decoded from run A's images) + scatter + depth curves + robustness
     assert html.count("data:image/png;base64,") == shown + 3
-    assert "thumbnails unavailable" not in " ".join(s["notes"])
+    assert "thumbnails unavailable" not in html
     ov = pd.read_parquet(out / "overlap.parquet")
     ex_b = hardprobe.load_run(runs[1]).split_examples("test").set_index("id")
     np.testing.assert_allclose(ov["hardness_b"], ex_b.loc[ov["id"], "hardness"])

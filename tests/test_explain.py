@@ -272,14 +272,18 @@ def test_model_input_view_matches_the_preprocessing():
 
 
 # ------------------------------------------------------------------ the stage
-def test_explain_run_end_to_end(tiny_folder, tmp_path):
+def test_explain_run_end_to_end(tiny_folder, tmp_path, monkeypatch):
     train, test = tiny_folder
     cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
                        train=str(train), test=str(test), out=str(tmp_path / "run"),
-                       cache_dir=str(tmp_path / "cache"), k=5, num_workers=0, batch_size=16)
+                       cache_dir=str(tmp_path / "cache"), k=5, num_workers=0, batch_size=16,
+                       linear_c=0.01)  # not the default: the stored probe must carry it
+    from hardprobe.heads import LinearProbe
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_dir = pipeline.run(cfg, progress=False)
+        # explain uses the probe classify stored in RUN_DIR/heads/: it fits nothing (issue 12)
+        monkeypatch.setattr(LinearProbe, "fit", lambda *a, **k: pytest.fail("refitted"))
         out = explain.explain_run(run_dir, top=5, batch_size=3, progress=False)
     run = hardprobe.load_run(run_dir)
     hardest = run.split_examples("test").sort_values("hardness", ascending=False,
@@ -308,10 +312,14 @@ def test_explain_run_end_to_end(tiny_folder, tmp_path):
         f = meta["faithfulness"][key]
         assert np.isfinite([f["drop_cam"], f["drop_random"]]).all() and f["n"] == 5
     assert isinstance(meta["warnings"], list)
+    assert "classify fitted" in meta["score_head"]
     head, note = explain._score_head(run, "pred_linear")  # the CAMs' class scores: the run's
-    with torch.no_grad():  # linear probe, refitted; it reproduces the run's test predictions
-        logits = head(torch.from_numpy(run.features("test")))
-    assert (logits.argmax(1).numpy() == run.split_examples("test")["pred_linear"]).all()
+    with torch.no_grad():  # stored linear probe; it reproduces classify's test probabilities
+        logits = head(torch.from_numpy(run.features("test"))).double()
+    t = run.split_examples("test")
+    assert (logits.argmax(1).numpy() == t["pred_linear"]).all()
+    p = torch.softmax(logits, 1).numpy()[np.arange(len(t)), t["label"].to_numpy()]
+    np.testing.assert_allclose(p, t["prob_true_linear"], rtol=1e-4, atol=1e-6)
     picked = explain._select(run.examples, [hardest["id"].iloc[2]], top=16, split="test")
     assert picked["id"].tolist() == [hardest["id"].iloc[2]]
     with pytest.raises(CamError, match="unknown example ids"):

@@ -1,6 +1,7 @@
 """Corruption, occlusion and blend probes: the image operations, the CIFAR-10-C reader, flip
 points on synthetic models with known answers, and perturb_run end to end on a tiny run."""
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -333,11 +334,34 @@ def test_perturb_run_end_to_end(tiny_run, monkeypatch):
     pd.testing.assert_frame_equal(pd.read_parquet(out / "examples.parquet"), ex)
     run = hardprobe.load_run(tiny_run)
     assert not [c for c in run.examples.columns if c.endswith(("_x", "_y"))]
-    # the report section and the compare helper
+    # perturb stores the strips the report shows: the probed images, not redrawn ones
+    with np.load(out / "strips.npz") as z:
+        strip_ids = list(z["ids"])
+        assert strip_ids == ex.sort_values(["flip_severity", "id"])["id"].head(4).tolist()
+        assert int(z["severity"]) == 2 and list(z["corruptions"]) == names  # 3 not computed
+        k = 1
+        clean = run.images([strip_ids[k]])[0].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(z[f"clean_{k}"], clean)
+        np.testing.assert_array_equal(z[f"contrast_{k}"], P.corrupt(
+            clean, "contrast", 2, rng=P.example_rng(0, "contrast", strip_ids[k])))
+    # the report section and the compare helper; the report decodes and corrupts nothing
+    monkeypatch.setattr(hardprobe.Run, "images", lambda *a: pytest.fail("report decoded"))
     html = perturb_section(tiny_run)
+    monkeypatch.undo()
     assert "Accuracy against severity" in html and html.count("<img") >= 1 + 2 * 3
+    assert "Examples that break first" in html and html.count('class="card"') == 4
     assert "Classes that break first" in html
     assert robustness_curve_figure([run, tiny_run]).startswith(b"\x89PNG")
+
+
+def test_report_shows_perturb_s_erase_and_blend_parameters():
+    """Issue 12: the report reads the largest area and weight from summary.json instead of
+    printing "60% area" and "weight 0.9" whatever perturb used."""
+    from hardprobe.report.perturb_section import _summary_table
+    html = _summary_table({"erase": {"areas": [0.1, 0.35], "share_flipped": 0.5},
+                           "blend": {"weights": [0.2, 0.7], "share_flipped": 0.25}})
+    assert "by 35.0% area" in html and "by weight 0.7" in html
+    assert "60%" not in html and "0.9" not in html
 
 
 def test_report_reads_the_spearman_of_rank_correlation():
@@ -360,6 +384,10 @@ def test_perturb_run_reads_a_cifar10c_folder(tiny_run, tmp_path):
     ex = pd.read_parquet(out / "examples.parquet")
     assert "occlusion_max_drop" not in ex and "blend_flip_weight" not in ex
     assert not (out / "occlusion.npz").exists()
+    with np.load(out / "strips.npz") as z:  # CIFAR-10-C's own images, at severity 3
+        row = run.split_examples("test")["id"].tolist().index(str(z["ids"][0]))
+        np.testing.assert_array_equal(z["contrast_0"],
+                                      P.CIFAR10C(root).images("contrast", 3, [row])[0])
     bad = make_cifar10c(tmp_path / "bad", (labels + 1) % 3, names=("contrast",))
     with pytest.raises(P.PerturbError, match="differs from the run's test labels"):
         P.perturb_run(tiny_run, corruptions=["contrast"], cifar10c=bad, progress=False)
@@ -373,8 +401,68 @@ def test_run_heads_key_changes_with_the_train_labels(tiny_run):
     ex = run.examples.copy()
     flip = (ex["split"] == "train").to_numpy() & (np.arange(len(ex)) % 5 == 0)
     ex.loc[flip, "label"] = (ex.loc[flip, "label"] + 1) % len(run.class_names)
+    from hardprobe.errors import StageOrderError
     from hardprobe.rundir.run import write_examples
+    from hardprobe.stages.classify import classify
     write_examples(tiny_run, ex)
+    with pytest.raises(StageOrderError, match="train labels"):  # heads of the old labels
+        P.RunHeads(hardprobe.load_run(tiny_run))
+    classify(tiny_run)  # heads fitted on the new labels
     after = P.RunHeads(hardprobe.load_run(tiny_run)).key
-    assert before["train"] == after["train"]  # the same features...
-    assert before != after  # ...but other labels: another key
+    assert before != after  # other labels: another key
+
+
+def _reclassify(tiny_run, **options):
+    import dataclasses
+
+    from hardprobe.stages.classify import classify
+    run = hardprobe.load_run(tiny_run)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classify(tiny_run, dataclasses.replace(run.config, **options))
+    return hardprobe.load_run(tiny_run)
+
+
+def test_perturb_uses_classify_s_stored_heads_with_every_option(tiny_run, monkeypatch):
+    """Issue 12: perturb loads the heads classify fitted (RUN_DIR/heads/), honouring every
+    head option (knn_backend faiss included), and refits nothing."""
+    pytest.importorskip("faiss")
+    from hardprobe.heads import linear
+    run = _reclassify(tiny_run, linear_c=0.01, k=3, temperature=0.5, knn_weights="uniform",
+                      knn_backend="faiss")
+    assert (tiny_run / "heads" / "linear.npz").exists() and (tiny_run / "heads/knn.json").exists()
+    monkeypatch.setattr(linear.LinearProbe, "fit", lambda *a, **k: pytest.fail("refitted"))
+    monkeypatch.setattr(linear, "cross_val_predict_proba", lambda *a, **k: pytest.fail("cv"))
+    heads = P.RunHeads(run)
+    knn = heads.fitted["knn"]
+    assert (knn.backend, knn.k, knn.temperature, knn.weights) == ("faiss", 3, 0.5, "uniform")
+    assert heads.fitted["linear"].C == 0.01
+    test = run.split_examples("test")
+    probs = heads.probs({"embedding": run.features("test")})
+    y = test["label"].to_numpy()
+    for h in ("knn", "linear"):  # exactly classify's test predictions and probabilities
+        assert (probs[h].argmax(1) == test[f"pred_{h}"].to_numpy()).all()
+        np.testing.assert_allclose(probs[h][np.arange(len(y)), y], test[f"prob_true_{h}"],
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_float16_features_give_no_flip_from_rounding(tiny_run):
+    """Issue 13, item 8: with --feature-dtype float16 the clean features are fp16-rounded and the
+    perturbed ones come from the forward in fp32. An fp32 feature that rounds to the clean fp16
+    one (an unchanged image) must give the clean probabilities, so no flip comes from rounding."""
+    feats = tiny_run / "features"
+    for f in feats.glob("*.embedding.npy"):
+        np.save(f, np.load(f).astype(np.float16))
+    run = _reclassify(tiny_run, linear_c=100.0)  # a sharp probe: rounding moves it most
+    heads = P.RunHeads(run)
+    x16 = run.features("test")
+    assert x16.dtype == np.float16
+    rng = np.random.default_rng(0)
+    # fp32 values within a quarter of an fp16 step of the stored ones: they round back to them
+    step = np.abs(np.spacing(x16)).astype(np.float32)
+    x32 = x16.astype(np.float32) + rng.uniform(-0.25, 0.25, x16.shape).astype(np.float32) * step
+    assert (x32.astype(np.float16) == x16).all() and (x32 != x16.astype(np.float32)).any()
+    clean, perturbed = heads.probs({"embedding": x16}), heads.probs({"embedding": x32})
+    for h in heads.names:
+        np.testing.assert_array_equal(perturbed[h], clean[h])
+    np.testing.assert_array_equal(heads.primary_probs({"embedding": x32}), clean[heads.primary])

@@ -3,7 +3,8 @@
 `perturb_section(run)` returns the section's HTML (to be wrapped in <section><h2> like the
 other builders): a summary table, accuracy-against-severity curves per corruption and their
 mean, the accuracy table, the classes that break first, and strips of examples, clean next to
-each corruption at severity 3 (and their occlusion map). `robustness_curve_figure(runs)` draws
+each corruption at the severity perturb stored them at (perturb/strips.npz; and their
+occlusion map). It only reads: the images and every parameter shown are perturb's. `robustness_curve_figure(runs)` draws
 the mean accuracy against severity of several runs on one axes (for `hardprobe compare`).
 """
 from __future__ import annotations
@@ -30,8 +31,6 @@ from .template import (
 )
 
 OUT_DIR = "perturb"
-STRIP_EXAMPLES = 4  # examples shown as clean-vs-corrupted strips
-STRIP_SEVERITY = 3
 THUMB = 64
 PANEL_COLS = 4
 
@@ -41,13 +40,14 @@ def _as_run(run) -> Run:
 
 
 def load_perturb(run) -> dict | None:
-    """perturb/'s files as {"summary", "accuracy", "examples", "occlusion"} (the last three may
-    be None); None when the run has no perturb/summary.json."""
+    """perturb/'s files as {"summary", "accuracy", "examples", "occlusion", "strips"} (the last
+    four may be None); None when the run has no perturb/summary.json. strips: {"ids",
+    "severity", "corruptions", "images": {id: {"clean": image, corruption: image}}}."""
     d = _as_run(run).path / OUT_DIR
     if not (d / "summary.json").exists():
         return None
     out = {"summary": json.loads((d / "summary.json").read_text()), "accuracy": None,
-           "examples": None, "occlusion": None}
+           "examples": None, "occlusion": None, "strips": None}
     if (d / "accuracy.csv").exists():
         out["accuracy"] = pd.read_csv(d / "accuracy.csv")
     if (d / "examples.parquet").exists():
@@ -56,7 +56,18 @@ def load_perturb(run) -> dict | None:
         with np.load(d / "occlusion.npz", allow_pickle=False) as z:
             ids = [str(i) for i in z["ids"]]
             out["occlusion"] = {"index": {i: k for k, i in enumerate(ids)}, "maps": z["maps"]}
+    if (d / "strips.npz").exists():
+        out["strips"] = _read_strips(d / "strips.npz")
     return out
+
+
+def _read_strips(path) -> dict:
+    with np.load(path, allow_pickle=False) as z:
+        ids, names = [str(i) for i in z["ids"]], [str(c) for c in z["corruptions"]]
+        images = {i: {key: z[f"{key}_{k}"] for key in ["clean", *names]}
+                  for k, i in enumerate(ids)}
+        return {"ids": ids, "severity": int(z["severity"]), "corruptions": names,
+                "images": images}
 
 
 # ---------------------------------------------------------------- figures
@@ -210,11 +221,13 @@ def _summary_table(s: dict) -> str:
     if s.get("erase"):
         e = s["erase"]
         pairs.append(("random erasing", f"flips {pct(e.get('share_flipped'))} of the examples "
-                                        f"by 60% area; median flip area "
+                                        f"by {pct(max(e['areas']) if e.get('areas') else None)} area; "
+                                        "median flip area "
                                         f"{pct(e.get('median_flip_area'))}"))
     if s.get("blend"):
         b = s["blend"]
-        pairs.append(("blend", f"flips {pct(b.get('share_flipped'))} by weight 0.9; median flip "
+        pairs.append(("blend", f"flips {pct(b.get('share_flipped'))} by weight "
+                               f"{fmt(max(b['weights']) if b.get('weights') else None, 1)}; median flip "
                                f"weight {fmt(b.get('median_flip_weight'), 1)} · partner: "
                                f"{esc(b.get('partner', ''))}"))
     if s.get("frost"):
@@ -268,49 +281,35 @@ def _figure_html(inner: str, caption: str, title: str = "") -> str:
 
 
 def _strips(run: Run, data: dict, primary: str) -> str:
-    s, ex = data["summary"], data["examples"]
+    strips, ex = data["strips"], data["examples"]
     if ex is None or not len(ex):
         return ""
-    sev = s.get("severities") or [STRIP_SEVERITY]
-    level = STRIP_SEVERITY if STRIP_SEVERITY in sev else sev[len(sev) // 2]
-    order = ex.sort_values(["flip_severity", "id"], kind="stable") if "flip_severity" in ex \
-        else ex
-    chosen = order.head(STRIP_EXAMPLES)
-    head = (f"<h3>Examples that break first</h3><p class=\"caption\">The {len(chosen)} probed "
+    if strips is None or not strips["ids"]:
+        return ('<p class="note off">no example strips: this perturb/ predates '
+                "perturb/strips.npz; rerun <code>hardprobe perturb</code> to store them</p>")
+    level = strips["severity"]
+    rows = ex.set_index("id").loc[strips["ids"]].reset_index().to_dict("records")
+    head = (f"<h3>Examples that break first</h3><p class=\"caption\">The {len(rows)} probed "
             f"examples with the lowest flip severity: clean, then each corruption at severity "
             f"{level}" + (", then the occlusion map (red = the grey patch there lowers "
                           "p(label) most)" if data["occlusion"] is not None else "")
             + ". Under each corrupted image: the lowest severity that flips the "
             f"{esc(primary)} prediction (6 = never).</p>")
-    try:
-        strips = [_strip(run, data, r, level) for r in chosen.to_dict("records")]
-    except Exception as e:  # images unavailable: the numbers above still stand
-        return head + (f'<p class="note off">example images could not be made '
-                       f"({esc(type(e).__name__)}: {esc(e)})</p>")
-    return head + "".join(strips)
+    return head + "".join(_strip(run, data, r, level) for r in rows)
 
 
 def _strip(run: Run, data: dict, r: dict, level: int) -> str:
-    from ..stages.perturb import CIFAR10C, corrupt, example_rng
-    s = data["summary"]
+    strips = data["strips"]
     ex_id = str(r["id"])
-    clean = plots.to_hwc(run.images([ex_id])[0])
+    shown = strips["images"][ex_id]
+    clean = shown["clean"]
     names = run.class_names
     figs = [_figure_html(img(plots.thumbnail(clean, THUMB), f"clean {ex_id}", cls="px"),
                          "clean", title=ex_id)]
-    c10c = CIFAR10C(s["cifar10c"]) if s.get("source") == "cifar10c" else None
-    row = None
-    if c10c is not None:
-        test_ids = run.split_examples("test")["id"].astype(str).tolist()
-        row = test_ids.index(ex_id)
-    for c in s.get("corruptions", []):
-        if c10c is not None:
-            a = c10c.images(c, level, [row])[0]
-        else:
-            a = corrupt(clean, c, level, rng=example_rng(int(s.get("seed", 0)), c, ex_id))
+    for c in strips["corruptions"]:
         fsv = r.get(f"flip_severity_{c}")
         cap = f"{c.replace('_', ' ')} · {fmt(fsv) if fsv is not None else '—'}"
-        figs.append(_figure_html(img(plots.thumbnail(a, THUMB), f"{c} severity {level}",
+        figs.append(_figure_html(img(plots.thumbnail(shown[c], THUMB), f"{c} severity {level}",
                                      cls="px"), cap, title=f"{c}, severity {level}"))
     occ = data["occlusion"]
     if occ is not None and ex_id in occ["index"]:

@@ -55,7 +55,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           columns=("id", "split", "path", "label", "label_name", "clean_label",
                    "planted_noise"),
           stamp="backbone, weights sha256, preprocessing, precision, dataset manifest, split"),
-    Stage("classify", files=("metrics.json",),
+    Stage("classify", files=("metrics.json", "heads/"),
           columns=("knn_disagreement", "heads_disagree", "hardness", "label_quality",
                    "label_issue"),
           prefixes=("pred_", "prob_true_", "margin_", "entropy_", "correct_"),

@@ -17,6 +17,7 @@ from ..core.stats import softmax
 from ..data.datasets import EXAMPLE_COLUMNS
 from ..errors import ConfigError
 from ..heads import KNNClassifier, LinearProbe, cross_val_predict_proba
+from ..rundir.heads import heads_current, save_heads
 from ..rundir.layout import FIT_SPLIT, STAGES
 from ..rundir.run import Run, load_run
 from ..scoring import scores
@@ -50,14 +51,18 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
     check_fit_classes(run.split_examples(FIT_SPLIT)["label"], run.class_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples, metrics = _classify(run, cfg, n_classes)
+        examples, metrics, fitted = _classify(run, cfg, n_classes)
     for w in caught:  # shown to the user and kept in the run, not lost in a log
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     metrics["warnings"] = sorted({str(w.message) for w in caught})
     metrics["classify_seconds"] = round(time.perf_counter() - t0, 2)
     run.join("classify", examples[["id", *[c for c in examples if STAGES["classify"].owns(c)]]])
     write_json(run.path / "metrics.json", metrics)
-    run.stamp("classify", _classify_key(run, cfg))
+    key = _classify_key(run, cfg)
+    save_heads(run.path, fitted, classify_key=key, n_classes=n_classes,  # explain, perturb
+               train_features=run.provenance["features"][FIT_SPLIT]["key"],
+               train_labels=run.split_examples(FIT_SPLIT)["label"].to_numpy())
+    run.stamp("classify", key)
     return metrics
 
 
@@ -65,14 +70,16 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
 def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
     """Run classify unless the run already holds its output for these features and heads."""
     run = load_run(run_dir)
-    if run.stamps().get("classify") == _classify_key(run, cfg) and "hardness" in run.examples:
+    if (run.stamps().get("classify") == _classify_key(run, cfg) and "hardness" in run.examples
+            and heads_current(run)):
         return False
     classify(run.path, cfg)
     return True
 
 
-def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict]:
-    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes)
+def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict, dict]:
+    fitted: dict = {}  # the fitted heads, stored in RUN_DIR/heads/
+    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes, fitted)
     frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
                            "class_names": run.class_names}
     issue_head = _issue_head(cfg, probs)
@@ -103,7 +110,7 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, d
         metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
                                                     -fit["label_quality"].to_numpy(float))
     _mark_upper_bounds(metrics, run_flag(run.provenance))
-    return out, metrics
+    return out, metrics, fitted
 
 
 def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
@@ -121,8 +128,9 @@ def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
     metrics["notes"].append(f"{FIT_SPLIT} figures: {UPPER_BOUND} ({flag['reason']})")
 
 
-def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
-    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels})."""
+def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict):
+    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels});
+    fills fitted = {"knn": KNNClassifier, "linear": LinearProbe} (the heads it fitted)."""
     fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
     others = [s for s in run.splits if s != FIT_SPLIT]
     probs, neighbor_labels = {}, {}
@@ -144,12 +152,16 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int):
             x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
             p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
             probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
-        del knn  # its normalised copy of the train features: free it before the probe fits
+        # its parameters are what heads/ stores (the state is the train features + labels):
+        # a shell of the same parameters, so the normalised copy is freed before the probe fits
+        fitted["knn"] = KNNClassifier(**knn.get_params())
+        del knn
     if "linear" in cfg.heads:
         probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
         probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(
             probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes)}
         probe.fit(fit_x, fit_y, n_classes=n_classes)
+        fitted["linear"] = probe
         for s in others:
             probs["linear"][s] = probe.predict_proba(run.features(s))
     if "model" in cfg.heads and run.logits(FIT_SPLIT) is not None:

@@ -161,15 +161,22 @@ def _select(examples: pd.DataFrame, ids, top: int, split: str) -> pd.DataFrame:
 
 def _score_head(run, pred_col: str) -> tuple[nn.Module | None, str]:
     """What the CAM differentiates: the model's logits when they are the run's label space,
-    else a linear probe refitted (deterministically, as `classify` does) on the train features."""
+    else the linear probe classify fitted and stored (RUN_DIR/heads/linear.*, with the run's
+    linear_c). A run without a linear head (heads: knn) has no differentiable head: then a
+    probe is fitted here on the train features, and meta.json's score_head says so."""
     if pred_col == "pred_model":
         return None, "model: the backbone's own classifier"
+    from ...rundir.heads import load_heads, stored_names
+    if "linear" in stored_names(run):
+        probe = load_heads(run, names=("linear",))["linear"]
+        return linear_head(probe), "linear: the probe classify fitted (RUN_DIR/heads/)"
     from ...heads import LinearProbe
     cfg = run.config
     labels = run.split_examples("train")["label"].to_numpy()
     probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed).fit(
         run.features("train"), labels, n_classes=len(run.class_names))
-    return linear_head(probe), "linear: probe refitted on the train features"
+    return linear_head(probe), ("linear: the run has no linear head (heads: "
+                                f"{', '.join(cfg.heads)}); a probe fitted here for the CAM")
 
 
 def explain_run(run_dir, *, ids=None, top: int = 24, split: str = "test",

@@ -12,7 +12,7 @@ The package, bottom up:
                        per-example random draws (`example_rng`); sources in CORRUPTION_NOTES
     probes.py          occlusion, random erasing, blends; the batched forward, the flip searches
     cifar10c.py        the released CIFAR-10-C folder (`CIFAR10C`, `read_cifar10c`)
-    run_heads.py       a run's heads refitted on its train features (`RunHeads`)
+    run_heads.py       the heads classify stored in the run (`RunHeads`)
     stage.py           `perturb_run`: RUN_DIR/perturb/ and the columns joined into the examples
                        table (its docstring describes the outputs and the definitions)
 """

@@ -15,6 +15,11 @@ test images and writes RUN_DIR/perturb/:
                        blend_flip_weight, blend_partner, blend_partner_id
     occlusion.npz      ids, maps (N, G, G) float32: drop of the given label's probability per
                        grey-patch position (Zeiler & Fergus 2014), grid, patch fractions
+    strips.npz         the images the report shows, as probed: ids (S,) of the STRIP_EXAMPLES
+                       examples with the lowest flip_severity (ties by id), severity (the
+                       STRIP_SEVERITY level, else the middle computed one), corruptions, and
+                       per example k: clean_<k> (H, W, 3) uint8 and <corruption>_<k> the same
+                       image corrupted at that severity (its own per-example random draw)
 
 and joins the per-example columns (flip_severity, flip_severity_<corruption>,
 occlusion_max_drop, erase_flip_area, blend_flip_weight) into RUN_DIR/examples.parquet; rows
@@ -31,9 +36,10 @@ flip is a change of the primary head's prediction away from its prediction on th
     blend_flip_weight  smallest weight w of (1-w)*image + w*partner (BLEND_WEIGHTS) that flips;
                        1.0 = never
 
-Heads: the run's own (config: heads, k, temperature, knn_weights, linear_c, seed), refitted on
-the run's train features exactly as `classify` fits them, then applied to the features of the
-perturbed test images. Perturbed images go through the backbone's own preprocessing and the
+Heads: the run's own, as `classify` fitted and stored them in RUN_DIR/heads/ (every head
+option, knn_backend included; nothing is refitted: `rundir.heads.load_heads`), applied to the
+features of the perturbed test images rounded to the run's feature dtype, as the clean ones
+are (float16 with --feature-dtype float16: like with like, see run_heads.RunHeads). Perturbed images go through the backbone's own preprocessing and the
 batched forward of `features.py` (`_forward_indices`: uint8 resize/crop, batched normalise,
 channels_last, inference_mode, the run's precision).
 
@@ -88,6 +94,8 @@ from .run_heads import TRAIN, RunHeads
 OUT_DIR = "perturb"
 PERTURB_VERSION = 1
 TEST = "test"
+STRIP_EXAMPLES = 4  # examples stored as clean-vs-corrupted strips for the report
+STRIP_SEVERITY = 3
 
 
 # ------------------------------------------------------------------ the stage
@@ -302,9 +310,35 @@ def perturb_run(run_dir, *, subset: int | None = 2000, corruptions=None, severit
     summary = _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, subset,
                        c10c, frost_info, notes, hits)
     summary.update(summary_extra)
+    _write_strips(out, per_ex, images, ids, names, sev, int(seed), c10c, rows)
     _write_outputs(run, out, acc, per_ex, names, summary, secs, t0)
     say(f"wrote {out} ({hits['computed']} computed, {hits['cached']} from the cache)")
     return out
+
+
+def strip_level(severities) -> int:
+    """The severity the report's strips show: STRIP_SEVERITY when computed, else the middle."""
+    sev = list(severities)
+    return STRIP_SEVERITY if STRIP_SEVERITY in sev else sev[len(sev) // 2]
+
+
+def _write_strips(out: Path, per_ex, images, ids, names, sev, seed, c10c, rows) -> None:
+    """perturb/strips.npz (module docstring): the report shows these images, so it redraws
+    nothing. Generated corruptions use each example's own draw (example_rng), as probed."""
+    from ...core.io import atomic_write
+    from .corruptions import corrupt, example_rng
+    level = strip_level(sev)
+    chosen = per_ex.sort_values(["flip_severity", "id"], kind="stable").head(STRIP_EXAMPLES)
+    pos = {i: j for j, i in enumerate(ids)}
+    arrays = {"ids": np.array(chosen["id"].astype(str).tolist(), dtype=str),
+              "severity": np.int64(level), "corruptions": np.array(list(names), dtype=str)}
+    for k, ex_id in enumerate(arrays["ids"]):
+        j = pos[str(ex_id)]
+        arrays[f"clean_{k}"] = images[j]
+        for c in names:
+            arrays[f"{c}_{k}"] = (c10c.images(c, level, [rows[j]])[0] if c10c is not None else
+                                  corrupt(images[j], c, level, rng=example_rng(seed, c, ids[j])))
+    atomic_write(out / "strips.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
 def _blend_partners(run, emb: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, list[str]]:
@@ -369,7 +403,8 @@ def _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, sub
             "flips: the primary head's prediction differs from its prediction on the clean "
             "image; flip_severity 6 = no flip at any computed severity; erase_flip_area and "
             "blend_flip_weight 1.0 = no flip",
-            "heads refitted on the run's train features with the run's configuration"],
+            "heads: those classify fitted (RUN_DIR/heads/); perturbed features are rounded "
+            "to the run's feature dtype, as the clean ones are"],
     }
 
 
