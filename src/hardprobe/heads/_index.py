@@ -23,6 +23,8 @@ from ..errors import HeadError
 from . import _arrays
 from ._arrays import _check_nonzero_rows
 
+_RERANK_ROWS = 64  # bf16 re-rank: queries whose candidate rows are gathered at once (~27 MB)
+
 
 def canonical_order(sims, ids):
     """(sims, ids) with each row sorted by similarity descending, then id ascending."""
@@ -118,6 +120,7 @@ class TorchIndex(Index):
     def build(self, X):
         """X: (N, D) finite float array with no all-zero row (checked here)."""
         self.train = normalise_checked(X, self.device, "X")  # (N_train, D) float32, unit rows
+        self._train_lo = None  # its bf16 copy, made when a bf16 search first needs it
         self.ntotal = len(self.train)
         return self
 
@@ -127,33 +130,44 @@ class TorchIndex(Index):
     def _top(self, Q, k):
         queries = self.train if Q is None else self.queries(Q)
         n, d = self.train.shape
-        # bytes per query row: its similarity row, plus in bf16 the gathered candidate rows
-        per_query = (4 * n if self.precision == "fp32"
-                     else 2 * n + 4 * min(k + self.rerank, n) * d)
-        chunk = self.chunk_size or max(1, _arrays.block_budget() // per_query)
-        train_lo = self.train.bfloat16() if self.precision == "bf16" else None
+        bf16 = self.precision == "bf16"
+        # bytes per query row: its similarity row, plus in bf16 the candidates' similarities
+        per_query = 4 * n if not bf16 else 2 * n + 12 * min(k + self.rerank, n)
+        chunk = max(1, min(len(queries),
+                           self.chunk_size or _arrays.block_budget() // per_query))
+        # one (chunk, N_train) block reused by every chunk: no allocation (and first-touch page
+        # faults) per chunk; the matmul writes into it in place
+        block = torch.empty(chunk, n, device=self.train.device,
+                            dtype=torch.bfloat16 if bf16 else torch.float32)
         sims = torch.empty(len(queries), k, device=self.train.device)
         ids = torch.empty(len(queries), k, dtype=torch.int64, device=self.train.device)
         with torch.inference_mode():
             for a in range(0, len(queries), chunk):
                 q = queries[a:a + chunk]  # (chunk, D)
                 sims[a:a + len(q)], ids[a:a + len(q)] = (
-                    self._top_exact(q, k) if train_lo is None else self._top_bf16(q, train_lo, k))
+                    self._top_bf16(q, block[:len(q)], k) if bf16
+                    else self._top_exact(q, block[:len(q)], k))
         return sims, ids
 
-    def _top_exact(self, q, k):
-        block = q @ self.train.T  # (chunk, N_train) cosine, fp32
+    def _top_exact(self, q, block, k):
+        torch.mm(q, self.train.T, out=block)  # (chunk, N_train) cosine, fp32
         return ordered_top(lambda rows, K: torch.topk(_rows(block, rows), K, dim=1),
                            k, block.shape[1])
 
-    def _top_bf16(self, q, train_lo, k):
+    def _top_bf16(self, q, block, k):
         """Candidates from a bf16 matmul (several times faster on AMX / tensor cores), then the
         exact fp32 similarity of each candidate decides the final top k."""
-        block = q.bfloat16() @ train_lo.T  # (chunk, N_train) cosine, bf16 (~3 digits)
+        if getattr(self, "_train_lo", None) is None:
+            self._train_lo = self.train.bfloat16()  # (N_train, D), made once per index
+        torch.mm(q.bfloat16(), self._train_lo.T, out=block)  # (chunk, N_train), ~3 digits
         n_cand = min(k + self.rerank, block.shape[1])
         _, cand = ordered_top(lambda rows, K: torch.topk(_rows(block, rows), K, dim=1),
                               n_cand, block.shape[1])  # (chunk, k + rerank) ids
-        exact = torch.einsum("cd,ckd->ck", q, self.train[cand])  # (chunk, k + rerank) fp32
+        exact = torch.empty(cand.shape, device=q.device)  # (chunk, k + rerank) fp32
+        step = _RERANK_ROWS  # the gathered (step, k + rerank, D) rows stay in cache
+        for a in range(0, len(q), step):
+            exact[a:a + step] = torch.einsum("cd,ckd->ck", q[a:a + step],
+                                             self.train[cand[a:a + step]])
 
         def search(rows, K):
             s, j = torch.topk(_rows(exact, rows), K, dim=1)
