@@ -38,24 +38,28 @@ def ordered_top(search, k, n_total):
     """The k most similar of n_total candidates per query, ties broken by lowest id.
 
     search(rows, K) -> (sims (R, K), ids (R, K)) torch tensors: the K most similar candidates
-    of the queries `rows` (an int64 tensor; None = all queries), ties broken any way. One
-    search of k + 1 tells which queries have a tie across the k-th place (the k-th and the
+    of the queries `rows` (an int64 tensor; None = all queries), sorted by similarity with
+    ties in any order. One search of k + 1 tells which queries have a tie across the k-th place (the k-th and the
     (k+1)-th similarity are equal); only those are searched again, with twice as many
     candidates until the list ends below the tied value (or holds all n_total), so every tied
     candidate is seen and the lowest ids win. The similarities compared all come from one
     search call, so a backend that rounds differently per batch shape stays consistent.
     """
     width = min(k + 1, n_total)
-    sims, ids = canonical_order(*search(None, width))
-    if width > k:
-        rows = torch.nonzero(sims[:, k - 1] == sims[:, k]).flatten()
-        while len(rows):
-            width = min(2 * width, n_total)
-            s, i = canonical_order(*search(rows, width))
-            done = (s[:, -1] < s[:, k - 1]) | (width == n_total)  # every tie is in the list
-            sims[rows[done]], ids[rows[done]] = s[done, :sims.shape[1]], i[done, :ids.shape[1]]
-            rows = rows[~done]
-    return sims[:, :k].contiguous(), ids[:, :k].contiguous()
+    sims, ids = search(None, width)  # most similar first; equal sims in any order
+    # Only a query with two equal similarities among its k + 1 needs reordering: find them
+    # with one comparison (the common case, no ties, then costs no sort at all).
+    tied = torch.nonzero((sims[:, 1:] == sims[:, :-1]).any(1)).flatten()
+    if len(tied):
+        sims[tied], ids[tied] = canonical_order(sims[tied], ids[tied])
+    rows = tied[sims[tied, k - 1] == sims[tied, k]] if width > k else tied[:0]
+    while len(rows):  # a tie across the k-th place: widen until every tied candidate is in
+        width = min(2 * width, n_total)
+        s, i = canonical_order(*search(rows, width))
+        done = (s[:, -1] < s[:, k - 1]) | (width == n_total)  # every tie is in the list
+        sims[rows[done]], ids[rows[done]] = s[done, :sims.shape[1]], i[done, :ids.shape[1]]
+        rows = rows[~done]
+    return sims[:, :k], ids[:, :k]
 
 
 def exclusion_groups(n, exclude_groups):
@@ -139,15 +143,17 @@ class TorchIndex(Index):
         # faults) per chunk; the matmul writes into it in place
         block = torch.empty(chunk, n, device=self.train.device,
                             dtype=torch.bfloat16 if bf16 else torch.float32)
-        sims = torch.empty(len(queries), k, device=self.train.device)
-        ids = torch.empty(len(queries), k, dtype=torch.int64, device=self.train.device)
+        sims, ids = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), chunk):
                 q = queries[a:a + chunk]  # (chunk, D)
-                sims[a:a + len(q)], ids[a:a + len(q)] = (
-                    self._top_bf16(q, block[:len(q)], k) if bf16
-                    else self._top_exact(q, block[:len(q)], k))
-        return sims, ids
+                s, i = (self._top_bf16(q, block[:len(q)], k) if bf16
+                        else self._top_exact(q, block[:len(q)], k))
+                sims.append(s)
+                ids.append(i)
+        if len(sims) <= 1:  # one chunk: no copy
+            return (sims[0], ids[0]) if sims else (torch.empty(0, k), torch.empty(0, k).long())
+        return torch.cat(sims), torch.cat(ids)
 
     def _top_exact(self, q, block, k):
         torch.mm(q, self.train.T, out=block)  # (chunk, N_train) cosine, fp32
