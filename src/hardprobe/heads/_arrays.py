@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+
 from ..errors import HeadError, ZeroFeatureRowsError
 
 

@@ -76,6 +76,13 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     our check k-means centroids and neighbours were identical on 1 and 2 threads, but BLAS
     may round differently on other thread counts or machines, which can reorder near-ties.
 
+    Neighbours are ordered by similarity, equal similarities by training index (lowest first)
+    in every backend and precision, so exact torch and FAISS flat agree on duplicated data.
+    Leave-one-out (X=None, exclude_self=True) may also leave out each query's duplicate group
+    (exclude_groups: (N_train,) int ids, -1 = none): the top k + (largest group) are searched
+    and the own group filtered out. An all-zero feature row (train or query) raises
+    ZeroFeatureRowsError naming it: it has no direction, so its neighbours would be arbitrary.
+
     Fitted attributes: n_classes_, classes_ (0..n_classes_-1), n_features_in_,
     n_samples_fit_, y_fit_ (N_train,) int64; with backend="faiss" also index_ (the FAISS
     index; not picklable, refit instead) and nlist_ (None for "flat").
