@@ -23,7 +23,7 @@ from ..errors import HeadError
 from . import _arrays
 from ._arrays import _check_nonzero_rows
 
-_RERANK_ROWS = 64  # bf16 re-rank: queries whose candidate rows are gathered at once (~27 MB)
+_RERANK_ROWS = 256  # bf16 re-rank: queries gathered at once (fewer ops; 64 was 1.4x slower here)
 
 
 def canonical_order(sims, ids):
@@ -170,7 +170,7 @@ class TorchIndex(Index):
         _, cand = ordered_top(lambda rows, K: torch.topk(_rows(block, rows), K, dim=1),
                               n_cand, block.shape[1])  # (chunk, k + rerank) ids
         exact = torch.empty(cand.shape, device=q.device)  # (chunk, k + rerank) fp32
-        step = _RERANK_ROWS  # the gathered (step, k + rerank, D) rows stay in cache
+        step = _RERANK_ROWS  # (step, k + rerank, D) gathered rows at a time, not the whole chunk
         for a in range(0, len(q), step):
             exact[a:a + step] = torch.einsum("cd,ckd->ck", q[a:a + step],
                                              self.train[cand[a:a + step]])
