@@ -287,7 +287,6 @@ def _save(tmp_path, X, name="train.npy"):
 def test_memmap_fit_is_identical_to_in_memory_fit(tmp_path, monkeypatch, index):
     pytest.importorskip("faiss")
     X, y, Q = _clustered(1)
-    X[3] = 0  # a zero row stays zero (similarity 0), as in the torch backend
     X_map, Q_map = _save(tmp_path, X), _save(tmp_path, Q, "query.npy")
     assert isinstance(X_map, np.memmap) and not X_map.flags.writeable
     kw = dict(k=7, backend="faiss", index=index, nlist=10, nprobe=3, chunk_size=64)
@@ -395,7 +394,6 @@ def test_ivf_short_lists_are_widened_to_k_neighbours():
 
 def test_default_nlist_and_training_sample_follow_n():
     pytest.importorskip("faiss")
-    from hardprobe.heads import _faiss
     from hardprobe.heads._faiss import _nlist
     assert _nlist(None, 50_000) == int(4 * math.sqrt(50_000))  # 894: FAISS's 4 sqrt(N)
     assert _nlist(None, 1000) == 1000 // 39  # small N: at least 39 training rows per list
@@ -403,7 +401,7 @@ def test_default_nlist_and_training_sample_follow_n():
     X, y, _ = _clustered(6, n=1200, dim=8)
     knn = KNNClassifier(k=3, backend="faiss", index="ivf").fit(X, y)
     assert knn.nlist_ == 1200 // 39 and knn.index_.nlist == knn.nlist_
-    assert _faiss.training_sample(knn, X).shape == (min(1200, 40 * knn.nlist_), 8)
+    assert knn._index.training_sample(X).shape == (min(1200, 40 * knn.nlist_), 8)
 
 
 def test_faiss_errors(tmp_path, monkeypatch):
@@ -475,3 +473,137 @@ def test_faiss_clone_and_refit_on_another_backend():
     assert knn.index_ is None and knn.nlist_ is None
     np.testing.assert_array_equal(knn.kneighbors(Q)[1],
                                   KNNClassifier(k=4).fit(X, y).kneighbors(Q)[1])
+
+
+# -- ties, all-zero rows, leave-one-out with duplicate groups (issue 13, items 5 and 6) -------
+
+def _duplicated(seed, n_base=40, copies=5, n_query=60, dim=12):
+    """Each of n_base rows copied `copies` times (exact copies: a rescaled copy rounds to a
+    unit row an ulp away, a near-tie, not a tie) at shuffled positions, each copy with its own
+    label, so which tied copy is chosen changes the vote."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_base, dim))
+    owner = rng.permutation(np.repeat(np.arange(n_base), copies))  # row -> its base row
+    X = base[owner].astype(np.float32)
+    y = rng.integers(0, 4, len(owner))
+    Q = rng.normal(size=(n_query, dim)).astype(np.float32)
+    return X, y, Q, base, owner
+
+
+def _lowest_index_reference(base, owner, Q, k):
+    """Known answer: rank the distinct base rows by float64 cosine, expand each into its
+    copies in index order (they tie exactly), keep the first k."""
+    unit = base / np.linalg.norm(base, axis=1, keepdims=True)
+    q = Q / np.linalg.norm(Q, axis=1, keepdims=True)
+    out = []
+    for row in q @ unit.T:
+        ranked = np.concatenate([np.flatnonzero(owner == b) for b in np.argsort(-row)])
+        out.append(ranked[:k])
+    return np.array(out)
+
+
+def test_ties_go_to_the_lowest_index_and_torch_equals_faiss():
+    faiss = pytest.importorskip("faiss")  # noqa: F841
+    X, y, Q, base, owner = _duplicated(0)
+    k = 7  # 5 copies per base row: the 7th neighbour cuts through the second tie group
+    want = _lowest_index_reference(base, owner, Q, k)
+    fits = {name: KNNClassifier(k=k, **kw).fit(X, y) for name, kw in (
+        ("torch", {}), ("bf16", {"precision": "bf16"}), ("faiss", {"backend": "faiss"}),
+        ("chunked", {"chunk_size": 7}))}
+    probas = {}
+    for name, knn in fits.items():
+        probas[name], _, idx = knn.predict_proba_and_neighbors(Q)
+        np.testing.assert_array_equal(idx, want, err_msg=name)
+    for name in ("bf16", "faiss", "chunked"):
+        np.testing.assert_allclose(probas[name], probas["torch"], rtol=0, atol=1e-6)
+    # leave-one-out: the same neighbours in every backend, and ties still lowest first
+    loo = {name: knn.kneighbors(exclude_self=True)[1] for name, knn in fits.items()}
+    for name in ("bf16", "faiss", "chunked"):
+        np.testing.assert_array_equal(loo[name], loo["torch"], err_msg=name)
+    for i, row in enumerate(loo["torch"]):
+        same = owner[row] == owner[i]  # the query's own copies (sim 1) come first, in order
+        assert same[:same.sum()].all() and (np.diff(row[same]) > 0).all() and i not in row
+
+
+def test_all_zero_feature_rows_raise_naming_them(tmp_path):
+    from hardprobe.errors import HeadError, ZeroFeatureRowsError
+    X, y, Q = _clustered(10, n=80, dim=6)
+    bad = X.copy()
+    bad[[4, 61]] = 0
+    msg = r"X has 2 all-zero feature rows; first rows: \[4, 61\].*Drop those rows"
+    fits = [dict(), dict(backend="faiss", chunk_size=16),
+            dict(backend="faiss", index="ivf", nlist=2, chunk_size=16)]
+    for kw in fits:
+        for data in (bad, _save(tmp_path, bad)):
+            with pytest.raises(ZeroFeatureRowsError, match=msg):
+                KNNClassifier(k=3, **kw).fit(data, y)
+        with pytest.raises(ZeroFeatureRowsError, match=msg):  # queries too
+            KNNClassifier(k=3, **kw).fit(X, y).predict(bad)
+    assert issubclass(ZeroFeatureRowsError, HeadError)
+
+
+def _mislabelled_pair():
+    """Two well separated classes (0 around +e0, 1 around -e0) and rows 3 and 10, an exact
+    copy of each other (one rescaled) in class 0's cluster, both labelled 1."""
+    rng = np.random.default_rng(11)
+    X = rng.normal(size=(60, 32)).astype(np.float32) * 0.6  # within a class cosine ~0.4
+    y = np.arange(60) % 2
+    X[:, 0] += np.where(y == 0, 3.0, -3.0)
+    X[3, 0] = 3.0  # in class 0's cluster ...
+    X[10] = 3 * X[3]  # ... and its rescaled copy
+    y[3] = y[10] = 1
+    groups = np.full(60, -1)
+    groups[[3, 10]] = 7
+    return X, y, groups
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_exclude_groups_exposes_a_mislabelled_duplicate_pair(backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    X, y, groups = _mislabelled_pair()
+    knn = KNNClassifier(k=5, backend=backend).fit(X, y)
+    # plain leave-one-out: each copy is the other's nearest neighbour (sim 1, weight
+    # exp(1/0.07)) and outvotes everything else, so the wrong label looks right
+    plain = knn.predict_proba(exclude_self=True)
+    assert (plain[[3, 10], 1] > 0.9).all()
+    grouped = knn.predict_proba(exclude_self=True, exclude_groups=groups)
+    assert (grouped[[3, 10], 0] > 0.99).all()  # the class-0 neighbourhood speaks
+    _, idx = knn.kneighbors(exclude_self=True, exclude_groups=groups)
+    assert 10 not in idx[3] and 3 not in idx[10]
+    # known answer: a group's rows see what a fit without the whole group would see; rows
+    # outside every group are plain leave-one-out
+    keep = np.delete(np.arange(60), [3, 10])
+    alone = KNNClassifier(k=5, backend=backend).fit(X[keep], y[keep], n_classes=2)
+    for i in (3, 10):
+        np.testing.assert_array_equal(idx[i], keep[alone.kneighbors(X[i:i + 1])[1][0]])
+        np.testing.assert_allclose(grouped[i], alone.predict_proba(X[i:i + 1])[0], atol=1e-6)
+    others = np.setdiff1d(np.arange(60), [3, 10])
+    np.testing.assert_array_equal(idx[others], knn.kneighbors(exclude_self=True)[1][others])
+    np.testing.assert_array_equal(
+        knn.predict(exclude_self=True, exclude_groups=groups), grouped.argmax(1))
+    np.testing.assert_array_equal(
+        knn.neighbor_labels(exclude_self=True, exclude_groups=groups), y[idx])
+
+
+def test_exclude_groups_same_in_torch_and_faiss_and_errors():
+    pytest.importorskip("faiss")
+    X, y, Q, base, owner = _duplicated(1, n_base=30, copies=3)
+    groups = owner.copy()
+    groups[::4] = -1  # some copies in no group: they see their own copies again
+    a = KNNClassifier(k=6).fit(X, y)
+    b = KNNClassifier(k=6, backend="faiss").fit(X, y)
+    pa, sa, ia = a.predict_proba_and_neighbors(exclude_self=True, exclude_groups=groups)
+    pb, sb, ib = b.predict_proba_and_neighbors(exclude_self=True, exclude_groups=groups)
+    np.testing.assert_array_equal(ia, ib)
+    np.testing.assert_allclose(pa, pb, rtol=0, atol=1e-6)
+    same = (groups[ia] == groups[:, None]) & (groups[:, None] >= 0)
+    assert not same.any() and not (ia == np.arange(len(X))[:, None]).any()
+    with pytest.raises(ValueError, match="exclude_groups needs exclude_self=True"):
+        a.predict(exclude_groups=groups)
+    with pytest.raises(ValueError, match=r"exclude_groups must be an \(N_train,\) = \(90,\)"):
+        a.predict(exclude_self=True, exclude_groups=groups[:-1])
+    with pytest.raises(ValueError, match="ids must be >= 0, or -1"):
+        a.predict(exclude_self=True, exclude_groups=np.full(90, -2))
+    with pytest.raises(ValueError, match=r"k=6 is larger than the 3 .*the largest holds 87"):
+        a.predict(exclude_self=True, exclude_groups=np.r_[np.zeros(87, int), -np.ones(3, int)])

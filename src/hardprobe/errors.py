@@ -39,6 +39,10 @@ class HeadError(HardprobeError, ValueError):
     """Features or labels a head cannot be fitted on or asked about."""
 
 
+class ZeroFeatureRowsError(HeadError):
+    """All-zero feature rows, which have no direction for cosine kNN to rank."""
+
+
 class CamError(HardprobeError, ValueError):
     """A CAM that cannot be computed faithfully (instead of a blank or wrong picture)."""
 

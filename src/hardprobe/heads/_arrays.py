@@ -1,5 +1,5 @@
-"""Checks and memory budgets that the kNN search backends share (torch in knn.py, FAISS in
-_faiss.py). A leaf: both import it, it imports neither."""
+"""Checks and memory budgets that the heads share (the kNN search indexes in _index.py and
+_faiss.py, linear.py, mlp.py). A leaf: they import it, it imports none of them."""
 from __future__ import annotations
 
 import ctypes
@@ -8,10 +8,8 @@ import os
 import sys
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from ..errors import HeadError
+from ..errors import HeadError, ZeroFeatureRowsError
 
 
 def block_budget() -> int:
@@ -28,11 +26,6 @@ def stream_rows(n_features: int) -> int:
     block_budget() / 16, i.e. 4 to 64 MB, of float32 rows. Bigger chunks are no faster:
     FAISS blocks its own work, and the chunk only has to amortise per-call overhead."""
     return max(1, block_budget() // 16 // (4 * max(1, n_features)))
-
-
-def _normalise(X, device):
-    # Zero rows stay zero (similarity 0 to everything) instead of becoming NaN.
-    return F.normalize(torch.as_tensor(X, dtype=torch.float32, device=device), dim=1)
 
 
 _libc = None
@@ -104,6 +97,24 @@ def _check_finite(X, name="X", rows=None):
         bad_rows = np.concatenate(bad_rows)
         raise HeadError(f"{name} contains {n_bad} NaN/Inf values in {len(bad_rows)} rows; "
                          f"first rows: {bad_rows[:10].tolist()}")
+
+
+def _check_nonzero_rows(X, name="X", rows=None):
+    """Raise ZeroFeatureRowsError naming the count and first all-zero rows of X (cosine
+    similarity is undefined for them: 0 / 0), read `rows` rows at a time like _check_finite."""
+    rows = rows or stream_rows(X.shape[1])
+    zero = []
+    for start in range(0, len(X), rows):
+        part = X[start:start + rows]
+        zero.append(start + np.flatnonzero(~np.asarray(part).any(1)))
+        _release_pages(part)
+    zero = np.concatenate(zero) if zero else np.empty(0, np.int64)
+    if len(zero):
+        raise ZeroFeatureRowsError(
+            f"{name} has {len(zero)} all-zero feature rows; first rows: {zero[:10].tolist()}. "
+            "Cosine kNN cannot rank neighbours for them (their similarity to everything is "
+            "0 / 0, so any neighbours would be arbitrary). Drop those rows, or look at why the "
+            "backbone gives them no signal (blank images, a dead feature layer).")
 
 
 def _check_labels(y, n_rows):

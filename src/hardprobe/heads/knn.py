@@ -5,12 +5,15 @@ Each query's k most similar training examples vote for their label with weight
 exp(sim / T) ("exp", as in DINO) or 1 ("uniform", as sklearn's KNeighborsClassifier);
 class probabilities are the per-class vote sums divided by the total vote.
 
-Two search backends: "torch" (exact, chunked matmul + top-k on a normalised copy held in
-memory) and "faiss" (an index built chunk by chunk from the training array, which may be a
-read-only memory map: exact IndexFlatIP, or IVF for speed at a measured recall; see
-KNNClassifier). The FAISS backend lives in `_faiss.py` (the faiss package itself is imported
-only when it is used); both backends read features through `_arrays.py` (block_budget,
-stream_rows, _release_pages and the input validation shared with `linear.py` and `mlp.py`).
+Two search backends, each an index object behind one interface (`_index.Index`:
+build(X), search(Q, k, exclude=...) -> (sims, ids)) held by KNNClassifier: `TorchIndex`
+(`_index.py`: exact, chunked matmul + top-k on a normalised copy held in memory) and
+`FaissIndex` (`_faiss.py`: an index built chunk by chunk from the training array, which may be
+a read-only memory map: exact IndexFlatIP, or IVF for speed at a measured recall; the faiss
+package itself is imported only when it is used). Both break ties at the k-th neighbour by
+lowest training index, so they agree on duplicated data, and both read features through
+`_arrays.py` (block_budget, stream_rows, _release_pages and the input validation shared with
+`linear.py` and `mlp.py`).
 """
 from __future__ import annotations
 
@@ -20,16 +23,16 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import HeadError
-from . import _arrays, _faiss
 from ._arrays import (
     _check_features,
     _check_labels,
     _check_n_features,
     _check_shape,
     _is_int,
-    _normalise,
     _resolve_n_classes,
 )
+from ._faiss import FaissIndex
+from ._index import TorchIndex, exclusion_groups
 
 _WEIGHTS = ("exp", "uniform")
 _INDEXES = ("flat", "ivf", "ivf_fp16")
@@ -73,6 +76,13 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     our check k-means centroids and neighbours were identical on 1 and 2 threads, but BLAS
     may round differently on other thread counts or machines, which can reorder near-ties.
 
+    Neighbours are ordered by similarity, equal similarities by training index (lowest first)
+    in every backend and precision, so exact torch and FAISS flat agree on duplicated data.
+    Leave-one-out (X=None, exclude_self=True) may also leave out each query's duplicate group
+    (exclude_groups: (N_train,) int ids, -1 = none): the top k + (largest group) are searched
+    and the own group filtered out. An all-zero feature row (train or query) raises
+    ZeroFeatureRowsError naming it: it has no direction, so its neighbours would be arbitrary.
+
     Fitted attributes: n_classes_, classes_ (0..n_classes_-1), n_features_in_,
     n_samples_fit_, y_fit_ (N_train,) int64; with backend="faiss" also index_ (the FAISS
     index; not picklable, refit instead) and nlist_ (None for "flat").
@@ -98,7 +108,7 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         """Store L2-normalised training features (backend="torch") or add them to a FAISS
         index chunk by chunk (backend="faiss"; X may be memory-mapped). n_classes: number of
         classes; None means max(y) + 1. Give it explicitly so a class absent from y still gets
-        a (zero) column."""
+        a (zero) column. An all-zero row raises ZeroFeatureRowsError (no direction to rank)."""
         self._check_params()
         faiss_backend = self.backend == "faiss"
         # faiss: shape and dtype now; finiteness chunk by chunk while the index is built
@@ -109,48 +119,73 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = X.shape[1]
         self.n_samples_fit_ = len(X)
         self.y_fit_ = y
-        self._train = self.index_ = self.nlist_ = self._fit_X = None  # drop a previous fit's data
+        self._index = None  # drop a previous fit's data before building the next
         if faiss_backend:
-            _faiss.fit_index(self, X)
+            self._index = FaissIndex(kind=self.index, nlist=self.nlist, nprobe=self.nprobe,
+                                     seed=self.seed, chunk_size=self.chunk_size,
+                                     device=self.device).build(X)
             self._labels = torch.from_numpy(y)  # votes are counted on the CPU
             return self
         # Kept on the search device so repeated queries pay no transfer.
-        self._train = _normalise(X, self.device)  # (N_train, D) float32, unit rows
+        self._index = TorchIndex(device=self.device, precision=self.precision,
+                                 rerank=self.rerank, chunk_size=self.chunk_size).build(X)
         self._labels = torch.from_numpy(y).to(self.device)  # (N_train,) int64
         return self
 
-    def kneighbors(self, X=None, *, exclude_self=False):
+    @property
+    def index_(self):
+        """The FAISS index (backend="faiss"; not picklable, refit instead), else None."""
+        return getattr(getattr(self, "_index", None), "index", None)
+
+    @property
+    def nlist_(self):
+        """IVF list count of the fitted FAISS index; None for flat and the torch backend."""
+        return getattr(getattr(self, "_index", None), "nlist_", None)
+
+    @property
+    def _train(self):
+        """(N_train, D) float32 unit rows held by the torch backend (None for faiss)."""
+        return getattr(getattr(self, "_index", None), "train", None)
+
+    def kneighbors(self, X=None, *, exclude_self=False, exclude_groups=None):
         """Return (sims (N, k) float32, indices (N, k) int64) into the training set, most
-        similar first. X=None queries the training set itself; then exclude_self=True
-        leaves each example out of its own neighbour list (leave-one-out). Note sklearn's
-        kneighbors(None) always excludes self; here it is opt-in."""
-        sims, idx = self._search(X, exclude_self)
+        similar first; equal similarities in training-index order, lowest first (the same in
+        every backend). X=None queries the training set itself; then exclude_self=True
+        leaves each example out of its own neighbour list (leave-one-out), and with
+        exclude_groups ((N_train,) int group ids, -1 = no group) also every row of its group
+        (its duplicates). Note sklearn's kneighbors(None) always excludes self; here it is
+        opt-in."""
+        sims, idx = self._search(X, exclude_self, exclude_groups)
         return sims.cpu().numpy(), idx.cpu().numpy()
 
-    def neighbor_labels(self, X=None, *, exclude_self=False):
+    def neighbor_labels(self, X=None, *, exclude_self=False, exclude_groups=None):
         """Training labels of each query's k neighbours, (N, k) int64, most similar first.
         Share of neighbours with another label (leave-one-out):
         (knn.neighbor_labels(exclude_self=True) != y[:, None]).mean(1)."""
-        _, idx = self._search(X, exclude_self)
+        _, idx = self._search(X, exclude_self, exclude_groups)
         return self._labels[idx].cpu().numpy()
 
-    def predict_proba(self, X=None, *, exclude_self=False):
-        """(N, n_classes_) float32 rows summing to 1: each class's share of the neighbour vote."""
-        return self.predict_proba_and_neighbors(X, exclude_self=exclude_self)[0]
+    def predict_proba(self, X=None, *, exclude_self=False, exclude_groups=None):
+        """(N, n_classes_) float32 rows summing to 1: each class's share of the neighbour vote
+        (higher = more of the neighbourhood has that label). exclude_self / exclude_groups:
+        as in kneighbors."""
+        return self.predict_proba_and_neighbors(X, exclude_self=exclude_self,
+                                                exclude_groups=exclude_groups)[0]
 
-    def predict_proba_and_neighbors(self, X=None, *, exclude_self=False):
+    def predict_proba_and_neighbors(self, X=None, *, exclude_self=False, exclude_groups=None):
         """(proba (N, n_classes_), sims (N, k), indices (N, k)) from one search: callers that
         need both the vote and the neighbours pay for the similarity matmul once."""
-        sims, idx = self._search(X, exclude_self)
+        sims, idx = self._search(X, exclude_self, exclude_groups)
         votes = self._vote_weights(sims)  # (N, k)
         proba = torch.zeros(len(idx), self.n_classes_, device=idx.device)
         proba.scatter_add_(1, self._labels[idx], votes)  # (N, n_classes) vote sums
         proba /= proba.sum(1, keepdim=True)
         return proba.cpu().numpy(), sims.cpu().numpy(), idx.cpu().numpy()
 
-    def predict(self, X=None, *, exclude_self=False):
+    def predict(self, X=None, *, exclude_self=False, exclude_groups=None):
         """(N,) int64 class with the largest vote; ties go to the lowest class index."""
-        return self.predict_proba(X, exclude_self=exclude_self).argmax(1)  # argmax: first max
+        return self.predict_proba(X, exclude_self=exclude_self,
+                                  exclude_groups=exclude_groups).argmax(1)  # argmax: first max
 
     # -- internals -------------------------------------------------------------------
 
@@ -185,71 +220,33 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
         # normalised vote, and it keeps small T from overflowing float32 (exp(1/0.01) = inf).
         return torch.exp((sims - sims[:, :1]) / self.temperature)  # sims sorted, col 0 = max
 
-    def _search(self, X, exclude_self):
+    def _search(self, X, exclude_self, exclude_groups):
         """Top-k (sims, indices) as torch tensors on self.device (on the CPU for faiss)."""
         check_is_fitted(self, "n_samples_fit_")
-        if self.backend == "faiss":
-            source = _faiss.queries(self, X, exclude_self)
-        else:
-            queries, self_rows = self._queries(X, exclude_self)
-        n_avail = self.n_samples_fit_ - (1 if exclude_self else 0)
+        if X is not None:
+            if exclude_self:
+                raise HeadError("exclude_self=True needs X=None (queries must be the "
+                                "training set)")
+            # faiss: finiteness chunk by chunk while searching
+            X = (_check_shape(X, "X", allow_empty=True) if self.backend == "faiss"
+                 else _check_features(X, "X", allow_empty=True))
+            X = _check_n_features(X, self.n_features_in_)
+        if exclude_groups is not None and not exclude_self:
+            raise HeadError("exclude_groups needs exclude_self=True (a training query leaves "
+                            "out its own group; other queries have none)")
+        groups, group_max = (exclusion_groups(self.n_samples_fit_, exclude_groups)
+                             if exclude_self else (None, 0))
+        n_avail = self.n_samples_fit_ - group_max
         if self.k > n_avail:
             raise HeadError(
                 f"k={self.k} is larger than the {n_avail} training examples available"
-                + (" after leaving each query out (exclude_self=True)" if exclude_self else ""))
-        if self.backend == "faiss":
-            return _faiss.search(self, source, exclude_self)
-        # bytes per query row: its similarity row, plus in bf16 the gathered candidate features
-        per_query = (4 * self.n_samples_fit_ if self.precision == "fp32" else
-                     2 * self.n_samples_fit_ + 4 * (self.k + self.rerank) * self.n_features_in_)
-        chunk = self.chunk_size or max(1, _arrays.block_budget() // per_query)
-        sims, idx = [], []
-        train_lo = self._train.bfloat16() if self.precision == "bf16" else None
-        with torch.inference_mode():
-            for start in range(0, len(queries), chunk):
-                q = queries[start:start + chunk]  # (chunk, D)
-                s, i = (self._topk_exact(q, start, self_rows) if train_lo is None
-                        else self._topk_bf16(q, train_lo, start, self_rows, n_avail))
-                sims.append(s)
-                idx.append(i)
-        if not sims:  # zero queries
-            empty = torch.empty(0, self.k, device=self._train.device)
+                + (" after leaving each query out (exclude_self=True)" if exclude_self else "")
+                + (f" and its group (the largest holds {group_max})"
+                   if exclude_groups is not None else ""))
+        params = (("nprobe", "chunk_size") if self.backend == "faiss"
+                  else ("precision", "rerank", "chunk_size"))
+        self._index.set_search_params(**{p: getattr(self, p) for p in params})
+        if X is not None and len(X) == 0:
+            empty = torch.empty(0, self.k, device=self._labels.device)
             return empty, empty.long()
-        return torch.cat(sims), torch.cat(idx)
-
-    def _topk_exact(self, q, start, self_rows):
-        block = q @ self._train.T  # (chunk, N_train) cosine, fp32
-        if self_rows:
-            rows = torch.arange(len(block), device=block.device)
-            block[rows, rows + start] = -torch.inf  # the query itself never ranks
-        return torch.topk(block, self.k, dim=1)  # (chunk, k), descending
-
-    def _topk_bf16(self, q, train_lo, start, self_rows, n_avail):
-        """Candidates from a bf16 matmul (several times faster on AMX / tensor cores), then the
-        exact fp32 similarity of each candidate decides the final top k."""
-        block = q.bfloat16() @ train_lo.T  # (chunk, N_train) cosine, bf16 (~3 digits)
-        if self_rows:
-            rows = torch.arange(len(block), device=block.device)
-            block[rows, rows + start] = -torch.inf
-        cand = torch.topk(block, min(self.k + self.rerank, n_avail), dim=1).indices  # (chunk, k+r)
-        exact = torch.einsum("cd,ckd->ck", q, self._train[cand])  # (chunk, k+r) fp32
-        s, j = torch.topk(exact, self.k, dim=1)
-        return s, torch.gather(cand, 1, j)
-
-    def _queries(self, X, exclude_self):
-        """(normalised query features (N, D), whether query row i is training row i)."""
-        if X is None:
-            return self._train, exclude_self
-        if exclude_self:
-            raise HeadError("exclude_self=True needs X=None (queries must be the training set)")
-        X = _check_n_features(_check_features(X, "X", allow_empty=True), self.n_features_in_)
-        return _normalise(X, self.device), False
-
-
-
-
-
-
-# -- input validation shared by the heads ------------------------------------------------
-
-
+        return self._index.search(X, self.k, exclude=groups)
