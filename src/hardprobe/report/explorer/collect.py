@@ -4,7 +4,9 @@ but the page): the examples of the chosen splits, the 2-D map, neighbours, Grad-
 from __future__ import annotations
 
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +132,7 @@ def thumbnails(run: Run, ids: list[str], layout: SpriteLayout, *, fmt: str, qual
         dataset_ok = False
         problems.append(f"the dataset's images could not be opened ({e}); thumbnails are grey "
                         "except for the explained examples")
-    grey = 0
-    for i in tqdm(ids, desc="thumbnails", unit="img", disable=not progress, mininterval=1):
+    def one(i):  # decode + shrink; PIL releases the GIL while it decodes, so threads help
         im = None
         if dataset_ok:
             try:
@@ -140,8 +141,15 @@ def thumbnails(run: Run, ids: list[str], layout: SpriteLayout, *, fmt: str, qual
                 im = None
         if im is None:
             im = fallback.get(i)
-            grey += im is None
-        writer.add(tile(im, layout.size))
+        return None if im is None else tile(im, layout.size)
+
+    grey = 0
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ThreadPoolExecutor(workers) as pool:
+        for t in tqdm(pool.map(one, ids, chunksize=256), total=len(ids), desc="thumbnails",
+                      unit="img", disable=not progress, mininterval=1):
+            grey += t is None
+            writer.add(tile(t, layout.size))
     if grey and dataset_ok:
         problems.append(f"{grey} image(s) could not be decoded; their tiles are grey")
     return writer.encode()

@@ -120,6 +120,8 @@ def tile(image: np.ndarray | None, size: int) -> np.ndarray:
     """(size, size, 3) uint8 thumbnail: centre crop to a square, then resize; grey when None."""
     if image is None:
         return np.full((size, size, 3), 128, np.uint8)
+    if image.shape == (size, size, 3) and image.dtype == np.uint8:
+        return image
     im = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
     if im.size != (size, size):
         im = ImageOps.fit(im, (size, size), Image.Resampling.LANCZOS)

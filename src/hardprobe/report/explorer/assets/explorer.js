@@ -402,12 +402,20 @@
     const L = S.color === "pred" ? P : G;
     return [(i) => L[i], CLS.map((_, k) => palette(k))];
   }
+  function renderLegend(cols) {
+    const el = $("map-legend");
+    if (S.color === "hardness") { el.innerHTML = `hardness: <span style="color:${cols[0]}">■ 0 (easy)</span> → <span style="color:${cols[cols.length - 1]}">■ 1 (hard)</span>`; return; }
+    const names = S.color === "cause" ? ["(none)"].concat(keyed("failure_mode").values) : CLS;
+    el.innerHTML = (S.color === "pred" ? "predicted: " : S.color === "cause" ? "cause: " : "given: ") +
+      names.slice(0, 40).map((n, k) => `<span style="color:${cols[k]}">■</span> ${esc(n)}`).join(" ");
+  }
   function renderMap() {
     if (!bounds) return;
     mctx.clearRect(0, 0, MW, MW);
     mctx.fillStyle = "rgba(0,0,0,0.10)";
     for (const i of mapRows) if (!MATCH[i]) mctx.fillRect(PX[i] - 1, PY[i] - 1, 2, 2);
     const [idx, cols] = colourOf(), buckets = cols.map(() => []);
+    renderLegend(cols);
     for (const i of mapRows) if (MATCH[i]) { const b = buckets[idx(i)]; if (b) b.push(i); }
     buckets.forEach((b, k) => { mctx.fillStyle = cols[k]; for (const i of b) mctx.fillRect(PX[i] - 1.5, PY[i] - 1.5, 3, 3); });
     const o = rowOpen();
@@ -608,6 +616,10 @@
       readyAt: performance.now(),
     };
     document.body.dataset.ready = "1";
+    // thumbnails: the sprite sheets decode off the main thread; this marks when all are in
+    Promise.all(sheetImgs.map((im) => im.decode().catch(() => null))).then(() => {
+      window.hp.imagesAt = performance.now(); renderGrid();
+    });
   }
   start();
 })();
