@@ -215,9 +215,26 @@ def test_the_page_in_chromium(browser, page, explorer_run):
     ActionChains(d).move_to_element_with_offset(canvas, int(pt["x"] - w / 2),
                                                 int(pt["y"] - h / 2)).click().perform()
     assert card_id(d) == ex["id"][row]
+    d.find_element("id", "card-close").click()
+
+    # a box dragged on the map filters the grid to the points inside it
+    mp = pd.read_parquet(explorer_run / "similarity" / "map2d.parquet")
+    xy = ex[["id"]].merge(mp[["id", "x", "y"]], on="id", how="left")
+    corner = {}
+    for gx, gy in ((0, 0), (1, 1)):  # pixels of two grid points give the map's scale
+        r = int(xy.index[(xy["x"] == gx) & (xy["y"] == gy)][0])
+        corner[gx] = d.execute_script(f"return hp.mapPoint({r})")
+    def px(x, y):
+        return (corner[0]["x"] + x * (corner[1]["x"] - corner[0]["x"]) - w / 2,
+                corner[0]["y"] + y * (corner[1]["y"] - corner[0]["y"]) - h / 2)
+    (ax, ay), (bx, by) = px(0.5, 0.5), px(2.5, 2.5)  # inside the canvas
+    ActionChains(d).move_to_element_with_offset(canvas, int(ax), int(ay)).click_and_hold() \
+        .move_by_offset(int(bx - ax), int(by - ay)).release().perform()
+    inside = int((xy["x"].between(1, 2) & xy["y"].between(1, 2)).sum())
+    assert shown(d) == inside == 4
+    d.find_element("css selector", '#chips .chip[data-k="box"]').click()
 
     # the view lives in the URL fragment: a reload restores it
-    d.find_element("id", "card-close").click()
     Select(d.find_element("id", "f-given")).select_by_value("2")
     d.find_element("id", "f-q").send_keys("test/")
     d.find_element("css selector", '#grid .cell[data-pos="0"]').click()

@@ -613,6 +613,13 @@
         applyFilter(S);
         return ms;
       },
+      timeScroll(steps) {  // ms per grid redraw while jumping through the whole result list
+        const top = grid.scrollTop, t0 = performance.now(), n = steps || 50;
+        for (let k = 0; k < n; k++) { grid.scrollTop = (k / n) * grid.scrollHeight; renderGrid(); }
+        const ms = (performance.now() - t0) / n;
+        grid.scrollTop = top; renderGrid();
+        return ms;
+      },
       readyAt: performance.now(),
     };
     document.body.dataset.ready = "1";
