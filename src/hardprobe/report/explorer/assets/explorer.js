@@ -297,7 +297,8 @@
     gridCols = Math.max(1, Math.floor(grid.clientWidth / CW));
     spacer.style.height = Math.ceil(RESULT.length / gridCols) * CH + "px";
     const r0 = Math.max(0, Math.floor(grid.scrollTop / CH) - 2);
-    const r1 = Math.ceil((grid.scrollTop + grid.clientHeight) / CH) + 2;
+    // at most ~60 rows of cells exist, whatever the layout says: the grid stays virtual
+    const r1 = Math.min(r0 + 60, Math.ceil((grid.scrollTop + grid.clientHeight) / CH) + 2);
     const first = r0 * gridCols, last = Math.min(RESULT.length, r1 * gridCols);
     const hard = has("hardness") ? COL.hardness.a : null, openRow = rowOpen();
     let k = 0;
