@@ -62,7 +62,8 @@ def write_report(run_dir, *, top: int = 24, max_rows: int = 200, out=None) -> Pa
     prov = ctx.prov
     title = (f"hardprobe report — {prov.get('backbone', {}).get('name', '?')} on "
              f"{prov.get('dataset', {}).get('name', '?')}")
-    html = page(title, f"run {ctx.run.path} · created {prov.get('created', '?')}", nav, body)
+    html = page(title, f"run {ctx.run.path} · created {prov.get('created', '?')}", nav, body,
+                pages=(("explorer.html", "Explorer: every example"),))  # hardprobe explore
     path = Path(out) if out is not None else ctx.run.path / "report.html"
     if path.is_dir():
         path = path / "report.html"

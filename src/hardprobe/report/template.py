@@ -156,8 +156,11 @@ def messages(items: list[str]) -> str:
     return "<ul class=msgs>" + "".join(f"<li>{esc(m)}</li>" for m in items) + "</ul>"
 
 
-def page(title: str, subtitle: str, nav: list[tuple[str, str]], body: str) -> str:
+def page(title: str, subtitle: str, nav: list[tuple[str, str]], body: str,
+         pages: tuple[tuple[str, str], ...] = ()) -> str:
+    """pages: (file next to the page, title) links to sibling pages, e.g. explorer.html."""
     links = "".join(f'<a href="#{esc(i)}">{esc(t)}</a>' for i, t in nav)
+    links += "".join(f'<a href="{esc(f)}">{esc(t)} ↗</a>' for f, t in pages)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

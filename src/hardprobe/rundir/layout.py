@@ -73,6 +73,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           stamp="fine-tuning options, feature keys, train ids and labels"),
     Stage("report", files=("report.html",), requires=("classify",),
           stamp="the stamps of every stage it shows"),
+    Stage("explore", files=("explorer.html",), requires=("classify",),
+          stamp="the stamps of classify, similarity and explain, the splits and the options"),
 )}
 
 
