@@ -1,0 +1,203 @@
+"""Exact and near duplicates, within and across splits: pure functions on arrays.
+
+THRESHOLD_DOC
+
+Functions:
+    thumb_descriptor(grey32, size)   (N, size*size) float32 unit rows: normalised grey thumbnails
+    phash_bits / dhash_bits(grey32)  (N, 64) bool perceptual hashes (measured, not used)
+    similar_pairs(desc, threshold)   (i, j, sim) with i < j and sim >= threshold, blockwise
+    groups_from_pairs(n, i, j)       union-find: (N,) group id, -1 where an example has no copy
+    find_duplicates(grey32, splits)  the table columns duplicate_group and train_duplicate
+    duplicate_metrics(examples, heads)  metrics["duplicates"] (format below)
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+THUMB_SIZE = 16
+THRESHOLD = 0.90
+BLOCK = 4096  # query rows per matmul block: (BLOCK, N) float32 = 16 MiB per 1,000 columns
+FIT_SPLIT = "train"
+
+
+# ---------------------------------------------------------------- descriptors
+def _pool(grey32: np.ndarray, size: int) -> torch.Tensor:
+    """(N, H, W) uint8 -> (N, size, size) float32 equal-area means (box filter)."""
+    g = torch.from_numpy(np.ascontiguousarray(grey32)).to(torch.float32)[:, None]
+    return F.adaptive_avg_pool2d(g, size)[:, 0]
+
+
+def thumb_descriptor(grey32: np.ndarray, size: int = THUMB_SIZE) -> np.ndarray:
+    """(N, size*size) float32: the grey thumbnail box-filtered to size x size, minus its mean,
+    divided by its norm. The dot product of two rows is the Pearson correlation of the two
+    thumbnails, in [-1, 1], higher = more alike; it ignores brightness and contrast (any
+    affine change of grey levels). A constant image has no pattern: its row is all zero, so
+    it matches nothing (similarity 0)."""
+    if grey32.ndim != 3:
+        raise ConfigError(f"grey thumbnails must be (N, H, W), got shape {grey32.shape}")
+    t = _pool(grey32, size).reshape(len(grey32), -1)
+    t = t - t.mean(1, keepdim=True)
+    norm = t.norm(dim=1, keepdim=True)
+    t = torch.where(norm > 1e-3 * size, t / norm.clamp_min(1e-12), torch.zeros_like(t))
+    return t.numpy()
+
+
+def phash_bits(grey32: np.ndarray) -> np.ndarray:
+    """(N, 64) bool pHash: DCT-II of the 32x32 grey image, the 8x8 lowest frequencies,
+    each bit = coefficient above the median of the 63 non-DC ones."""
+    from scipy.fft import dctn
+    g = _pool(grey32, 32).numpy().astype(np.float64)
+    low = dctn(g, type=2, axes=(1, 2), norm="ortho")[:, :8, :8].reshape(len(g), 64)
+    med = np.median(low[:, 1:], axis=1, keepdims=True)
+    return low > med
+
+
+def dhash_bits(grey32: np.ndarray) -> np.ndarray:
+    """(N, 64) bool dHash: grey image box-filtered to 8 rows x 9 columns, bit = right > left."""
+    g = torch.from_numpy(np.ascontiguousarray(grey32)).to(torch.float32)[:, None]
+    g = F.adaptive_avg_pool2d(g, (8, 9))[:, 0].numpy()
+    return (g[:, :, 1:] > g[:, :, :-1]).reshape(len(g), 64)
+
+
+def hash_similarity_rows(bits: np.ndarray) -> np.ndarray:
+    """(N, B) bool -> (N, B) float32 rows whose dot product is 1 - 2 * Hamming / B, so a
+    Hamming search runs as the same blockwise matmul (similarity 1 = identical hashes)."""
+    return (bits.astype(np.float32) * 2 - 1) / np.sqrt(bits.shape[1])
+
+
+# ---------------------------------------------------------------- search and groups
+def similar_pairs(desc: np.ndarray, threshold: float, *, block: int = BLOCK,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every pair (i < j) of rows with desc[i] . desc[j] >= threshold, by blockwise matmul.
+
+    desc: (N, D) float32 rows (unit norm for a cosine). Cost N^2 D / 2 multiply-adds, memory
+    (block, N) float32 per step. Returns (i, j, sim) int64, int64, float32 arrays."""
+    X = torch.from_numpy(np.ascontiguousarray(desc, dtype=np.float32))
+    n = len(X)
+    out_i, out_j, out_s = [], [], []
+    starts = range(0, n, block)
+    for s in tqdm(starts, desc="duplicate search", disable=not progress, mininterval=2.0):
+        e = min(s + block, n)
+        sims = X[s:e] @ X[s:].T  # (b, n - s): only the upper triangle from row s on
+        # keep j > i: column c is row s + c; mask the diagonal block's lower triangle
+        sims[:, : e - s].masked_fill_(torch.ones(e - s, e - s, dtype=torch.bool).tril_(), -2.0)
+        qi, cj = torch.nonzero(sims >= threshold, as_tuple=True)
+        out_i.append((qi + s).numpy())
+        out_j.append((cj + s).numpy())
+        out_s.append(sims[qi, cj].numpy())
+    if not out_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
+            np.concatenate(out_s).astype(np.float32))
+
+
+def groups_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """(N,) int64 group ids from linked pairs (union-find, path halving): examples linked
+    directly or through others share an id; ids are 0, 1, ... in order of each group's first
+    row; -1 for an example linked to nobody."""
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in zip(np.asarray(i).tolist(), np.asarray(j).tolist()):
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([find(a) for a in range(n)], dtype=np.int64)
+    sizes = np.bincount(roots, minlength=n)
+    linked = sizes[roots] > 1
+    out = np.full(n, -1, dtype=np.int64)
+    _, first = np.unique(roots[linked], return_inverse=True)
+    # renumber by first row: np.unique sorts roots, and a root is its group's smallest row
+    out[linked] = first
+    return out
+
+
+def find_duplicates(grey32: np.ndarray, splits, *, threshold: float = THRESHOLD,
+                    size: int = THUMB_SIZE, fit_split: str = FIT_SPLIT,
+                    progress: bool = False) -> pd.DataFrame:
+    """Duplicate groups of a run's examples, within and across splits.
+
+    grey32: (N, H, W) uint8 grey thumbnails (`data.descriptors.run_thumbnails`), one per row
+      of the examples table; splits: (N,) split names in the same order.
+    Two examples are near-duplicates when the correlation of their size x size normalised
+    grey thumbnails is >= threshold (higher = more alike); groups are the connected
+    components of that relation, so a group may span splits.
+    Returns a DataFrame in the input row order with
+      duplicate_group  int64, -1 = no duplicate; examples with the same id are copies
+      train_duplicate  bool for rows not in `fit_split` (True = its group holds a `fit_split`
+                       example: a near-copy of it was fitted on), NA for `fit_split` rows.
+    """
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"duplicate threshold must be in (0, 1], got {threshold}")
+    splits = np.asarray(splits).astype(str)
+    if len(splits) != len(grey32):
+        raise ConfigError(f"{len(grey32)} thumbnails but {len(splits)} split names")
+    desc = thumb_descriptor(grey32, size)
+    i, j, _ = similar_pairs(desc, threshold, progress=progress)
+    group = groups_from_pairs(len(desc), i, j)
+    in_fit = splits == fit_split
+    fit_groups = np.unique(group[in_fit & (group >= 0)])
+    has_fit_copy = (group >= 0) & np.isin(group, fit_groups)
+    train_dup = pd.array(np.where(in_fit, pd.NA, has_fit_copy), dtype="boolean")
+    return pd.DataFrame({"duplicate_group": group, "train_duplicate": train_dup})
+
+
+# ---------------------------------------------------------------- metrics
+def duplicate_metrics(examples: pd.DataFrame, heads, *, fit_split: str = FIT_SPLIT,
+                      eval_split: str = "test") -> dict:
+    """metrics.json's "duplicates" entry, from a table with duplicate_group, train_duplicate
+    and correct_<head> columns:
+
+        {"n_groups": {split: groups holding >= 2 examples of that split},
+         "n_cross_split_groups": groups spanning more than one split,
+         "n_duplicated": {split: examples of that split in any group},
+         "n_train_duplicates_in_test": eval_split examples with train_duplicate True,
+         "threshold": ..., "descriptor": ...,  (added by the caller when it knows them)
+         "accuracy": {head: {"all": accuracy on eval_split,
+                             "without_train_duplicates": accuracy on the eval_split
+                             examples whose train_duplicate is False, "n_without": ...}}}
+
+    Accuracy with the train duplicates is optimistic: a near-copy of those test images was
+    fitted on. Higher accuracy = better; the gap between the two says how much the copies
+    help."""
+    for c in ("duplicate_group", "train_duplicate", "split"):
+        if c not in examples.columns:
+            raise ConfigError(f"duplicate_metrics needs the {c!r} column")
+    g = examples["duplicate_group"].to_numpy(np.int64)
+    split = examples["split"].astype(str).to_numpy()
+    n_groups, n_dup = {}, {}
+    for s in dict.fromkeys(split):
+        gs = g[(split == s) & (g >= 0)]
+        n_groups[s] = int((np.bincount(gs) >= 2).sum()) if len(gs) else 0
+        n_dup[s] = int(len(gs))
+    linked = g >= 0
+    spans = pd.Series(split[linked]).groupby(g[linked]).nunique()
+    ev = examples[split == eval_split]
+    flag = ev["train_duplicate"].fillna(False).to_numpy(bool)
+    acc = {}
+    for h in heads:
+        col = f"correct_{h}"
+        if col not in ev.columns:
+            continue
+        c = ev[col].to_numpy(bool)
+        acc[h] = {"all": float(c.mean()) if len(c) else None,
+                  "without_train_duplicates": float(c[~flag].mean()) if (~flag).any() else None,
+                  "n_without": int((~flag).sum())}
+    return {"n_groups": n_groups, "n_cross_split_groups": int((spans > 1).sum()),
+            "n_duplicated": n_dup, "n_train_duplicates_in_test": int(flag.sum()),
+            "accuracy": acc}
