@@ -141,6 +141,38 @@ def montage(pairs, path: Path) -> None:
     Image.fromarray(np.concatenate(rows, axis=0)).save(path)
 
 
+def shift_measure(g_orig, g_copy, g_pool, orig_cls, pool_cls, n_kinds):
+    """Like `measure` for D.shift_correlation; the pool's windows are built once per class."""
+    n = len(g_orig)
+    pos = D.shift_correlation(np.tile(g_orig, (n_kinds, 1, 1)), g_copy).reshape(n_kinds, n)
+    neg, arg = np.full(n, -np.inf, np.float32), np.zeros(n, np.int64)
+    c = (2 * D.MAX_SHIFT + 1) ** 2 // 2
+    for k in np.unique(orig_cls):
+        rows = np.flatnonzero(pool_cls == k)
+        wp = D._windows(torch.from_numpy(g_pool[rows]).float(), D.MAX_SHIFT)  # (P, S, D)
+        for q in np.flatnonzero(orig_cls == k):
+            wq = D._windows(torch.from_numpy(g_orig[q:q + 1]).float(), D.MAX_SHIFT)[0]
+            s = torch.maximum((wp @ wq[c]).amax(1), (wp[:, c] @ wq.T).amax(1))
+            neg[q], arg[q] = float(s.max()), int(rows[int(s.argmax())])
+    return pos, neg, arg
+
+
+def candidate_recall(g_orig, g_copy, g_all, orig_rows, n_kinds, ks=(5, 10, 20, 50)):
+    """Share of planted copies among the top-k stage-1 neighbours of their original when
+    searched among all train + test images (any class), per thumbnail size and kind."""
+    out = {}
+    n = len(g_orig)
+    for size in (4, 8, 16):
+        a, b = D.thumb_descriptor(g_orig, size), D.thumb_descriptor(g_copy, size)
+        sims = a @ D.thumb_descriptor(g_all, size).T  # (n, N_all)
+        sims[np.arange(n), orig_rows] = -np.inf
+        pos = (b.reshape(n_kinds, n, -1) * a[None]).sum(-1)  # (kinds, n)
+        rank = (sims[None] > pos[..., None]).sum(-1)  # (kinds, n) non-copies above the copy
+        out[f"thumb{size}"] = {k: {kind: round(float((rank[i] < k).mean()), 4)
+                                   for i, kind in enumerate(KINDS)} for k in ks}
+    return out
+
+
 # ---------------------------------------------------------------- main
 def cached_thumbnails(split, cache: Path) -> tuple[np.ndarray, float]:
     """(N, 32, 32) uint8 grey thumbnails of a split and the seconds it took (0 when cached)."""
@@ -183,6 +215,7 @@ def main() -> None:
     ap.add_argument("--pool-layer", type=int, default=1000)
     ap.add_argument("--cache", default="/tmp/dups_bench")
     ap.add_argument("--full", action="store_true")
+    ap.add_argument("--no-net", action="store_true", help="skip the network measures")
     args = ap.parse_args()
     torch.set_num_threads(2)
     rng = np.random.default_rng(0)
@@ -201,6 +234,12 @@ def main() -> None:
     for name, (a, b, p) in pixel_measures(g_orig, g_copy, g_tr).items():
         pos, neg, arg = measure(a, b, p, y_te[pick], y_tr, len(KINDS))
         res[name], worst[name] = summarise(dict(zip(KINDS, pos)), neg), (neg, arg)
+    pos, neg, arg = shift_measure(g_orig, g_copy, g_tr, y_te[pick], y_tr, len(KINDS))
+    res["shift_corr"], worst["shift_corr"] = summarise(dict(zip(KINDS, pos)), neg), (neg, arg)
+    res["candidate_recall"] = candidate_recall(g_orig, g_copy, np.concatenate([g_tr, g_te]),
+                                               pick + len(g_tr), len(KINDS))
+    if args.no_net:
+        return finish(args, res, worst, orig, tr, t_tr, t_te, g_tr, g_te)
     from hardprobe.backbones import create_backbone
     bb = create_backbone("cifar_resnet20", weights=args.weights)
     bb.model.eval()
@@ -220,19 +259,22 @@ def main() -> None:
                               len(KINDS))
         res[layer] = summarise(dict(zip(KINDS, pos)), neg)
         res[layer]["pool_per_class"] = args.pool_layer
+    finish(args, res, worst, orig, tr, t_tr, t_te, g_tr, g_te)
+
+
+def finish(args, res, worst, orig, tr, t_tr, t_te, g_tr, g_te):
     OUT.mkdir(exist_ok=True)
-    neg16, arg16 = worst["thumb16"]
-    top = np.argsort(-neg16)[:32]
-    montage([(orig[t], Image.fromarray(tr.decode(int(arg16[t])).permute(1, 2, 0).numpy()))
+    neg, arg = worst["shift_corr"]
+    top = np.argsort(-neg)[:48]
+    montage([(orig[t], Image.fromarray(tr.decode(int(arg[t])).permute(1, 2, 0).numpy()))
              for t in top], OUT / "bench_duplicates_top_nonplanted.png")
     out = {"machine": platform.processor() or platform.machine(), "torch_threads": 2,
-           "n_originals": n, "kinds": KINDS, "measures": res,
+           "n_originals": len(orig), "kinds": KINDS, "measures": res,
            "thumbnail_seconds": {"train": t_tr, "test": t_te},
-           "top_nonplanted_thumb16": [round(float(neg16[t]), 4) for t in top]}
+           "top_nonplanted_shift_corr": [round(float(neg[t]), 4) for t in top]}
     if args.full:
         out["full"] = full_search(np.concatenate([g_tr, g_te]),
                                   np.array(["train"] * len(g_tr) + ["test"] * len(g_te)))
-    OUT.mkdir(exist_ok=True)
     (OUT / "bench_duplicates.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out, indent=1))
 

@@ -5,7 +5,8 @@ THRESHOLD_DOC
 Functions:
     thumb_descriptor(grey32, size)   (N, size*size) float32 unit rows: normalised grey thumbnails
     phash_bits / dhash_bits(grey32)  (N, 64) bool perceptual hashes (measured, not used)
-    similar_pairs(desc, threshold)   (i, j, sim) with i < j and sim >= threshold, blockwise
+    candidate_pairs(desc, k)         stage 1: each example's k nearest thumbnails (matmul top-k)
+    shift_correlation(a, b)          stage 2: best correlation over shifts of +-4 px
     groups_from_pairs(n, i, j)       union-find: (N,) group id, -1 where an example has no copy
     find_duplicates(grey32, splits)  the table columns duplicate_group and train_duplicate
     duplicate_metrics(examples, heads)  metrics["duplicates"] (format below)
@@ -24,8 +25,8 @@ from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-THUMB_SIZE = 16
-THRESHOLD = 0.90
+THUMB_SIZE = 8   # stage-1 thumbnail side
+THRESHOLD = 0.95
 BLOCK = 4096  # query rows per matmul block: (BLOCK, N) float32 = 16 MiB per 1,000 columns
 FIT_SPLIT = "train"
 
@@ -75,30 +76,66 @@ def hash_similarity_rows(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.float32) * 2 - 1) / np.sqrt(bits.shape[1])
 
 
-# ---------------------------------------------------------------- search and groups
-def similar_pairs(desc: np.ndarray, threshold: float, *, block: int = BLOCK,
-                  progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every pair (i < j) of rows with desc[i] . desc[j] >= threshold, by blockwise matmul.
+MAX_SHIFT = 4   # pixels (of the 32x32 thumbnail) that shift_correlation searches each way
+CANDIDATES = 20  # stage-1 neighbours per example that shift_correlation verifies
 
-    desc: (N, D) float32 rows (unit norm for a cosine). Cost N^2 D / 2 multiply-adds, memory
-    (block, N) float32 per step. Returns (i, j, sim) int64, int64, float32 arrays."""
+
+def _windows(grey32: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """(B, 32, 32) float -> (B, S, D) unit rows: the (32 - 2 max_shift)^2 window at every
+    offset in [0, 2 max_shift]^2 (S = (2 max_shift + 1)^2), box-filtered 2x2 to half size,
+    minus its mean, over its norm (zero rows for flat windows)."""
+    p = F.avg_pool2d(grey32[:, None], 2, stride=1)[:, 0]  # (B, 31, 31): 2x2 means at every pixel
+    side = 32 - 2 * max_shift
+    wins = [p[:, oy:oy + side - 1:2, ox:ox + side - 1:2].reshape(len(p), -1)
+            for oy in range(2 * max_shift + 1) for ox in range(2 * max_shift + 1)]
+    w = torch.stack(wins, 1)
+    w = w - w.mean(-1, keepdim=True)
+    n = w.norm(dim=-1, keepdim=True)
+    return torch.where(n > 1e-2, w / n.clamp_min(1e-12), torch.zeros_like(w))
+
+
+def shift_correlation(grey_a: np.ndarray, grey_b: np.ndarray, *, max_shift: int = MAX_SHIFT,
+                      batch: int = 8192) -> np.ndarray:
+    """(P,) float32 similarity of paired (P, 32, 32) grey thumbnails, in [-1, 1], higher =
+    more alike: the best Pearson correlation between the centre window of one image and the
+    other image's window at any shift up to `max_shift` px each way (both directions, the
+    max). Tolerates translation and small crops that plain thumbnail correlation does not."""
+    out = np.empty(len(grey_a), dtype=np.float32)
+    c = (2 * max_shift + 1) ** 2 // 2  # index of the unshifted (centre) window
+    for s in range(0, len(grey_a), batch):
+        a = torch.from_numpy(np.ascontiguousarray(grey_a[s:s + batch])).to(torch.float32)
+        b = torch.from_numpy(np.ascontiguousarray(grey_b[s:s + batch])).to(torch.float32)
+        wa, wb = _windows(a, max_shift), _windows(b, max_shift)
+        ab = (wb * wa[:, c:c + 1]).sum(-1).amax(1)
+        ba = (wa * wb[:, c:c + 1]).sum(-1).amax(1)
+        out[s:s + batch] = torch.maximum(ab, ba).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- search and groups
+def candidate_pairs(desc: np.ndarray, k: int = CANDIDATES, *, block: int = BLOCK,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 1: each row's k most similar other rows by dot product (any split, any class),
+    by blockwise matmul + top-k. desc: (N, D) float32 unit rows; cost N^2 D multiply-adds,
+    memory (block, N) float32 per step. Returns unique pairs (i, j), i < j, int64."""
     X = torch.from_numpy(np.ascontiguousarray(desc, dtype=np.float32))
     n = len(X)
-    out_i, out_j, out_s = [], [], []
-    starts = range(0, n, block)
-    for s in tqdm(starts, desc="duplicate search", disable=not progress, mininterval=2.0):
+    k = min(k, n - 1)
+    if k < 1:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    out_i, out_j = [], []
+    for s in tqdm(range(0, n, block), desc="duplicate candidates", disable=not progress,
+                  mininterval=2.0):
         e = min(s + block, n)
-        sims = X[s:e] @ X[s:].T  # (b, n - s): only the upper triangle from row s on
-        # keep j > i: column c is row s + c; mask the diagonal block's lower triangle
-        sims[:, : e - s].masked_fill_(torch.ones(e - s, e - s, dtype=torch.bool).tril_(), -2.0)
-        qi, cj = torch.nonzero(sims >= threshold, as_tuple=True)
-        out_i.append((qi + s).numpy())
-        out_j.append((cj + s).numpy())
-        out_s.append(sims[qi, cj].numpy())
-    if not out_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return (np.concatenate(out_i).astype(np.int64), np.concatenate(out_j).astype(np.int64),
-            np.concatenate(out_s).astype(np.float32))
+        sims = X[s:e] @ X.T  # (b, N)
+        sims[torch.arange(e - s), torch.arange(s, e)] = -3.0  # not its own candidate
+        top = sims.topk(k, dim=1).indices  # (b, k)
+        out_i.append(np.repeat(np.arange(s, e), k))
+        out_j.append(top.reshape(-1).numpy())
+    i, j = np.concatenate(out_i), np.concatenate(out_j).astype(np.int64)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    pairs = np.unique(lo * n + hi)
+    return pairs // n, pairs % n
 
 
 def groups_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
@@ -128,15 +165,17 @@ def groups_from_pairs(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
 
 
 def find_duplicates(grey32: np.ndarray, splits, *, threshold: float = THRESHOLD,
-                    size: int = THUMB_SIZE, fit_split: str = FIT_SPLIT,
+                    size: int = THUMB_SIZE, candidates: int = CANDIDATES,
+                    fit_split: str = FIT_SPLIT,
                     progress: bool = False) -> pd.DataFrame:
     """Duplicate groups of a run's examples, within and across splits.
 
     grey32: (N, H, W) uint8 grey thumbnails (`data.descriptors.run_thumbnails`), one per row
       of the examples table; splits: (N,) split names in the same order.
-    Two examples are near-duplicates when the correlation of their size x size normalised
-    grey thumbnails is >= threshold (higher = more alike); groups are the connected
-    components of that relation, so a group may span splits.
+    Stage 1 takes each example's `candidates` nearest neighbours by the correlation of
+    size x size normalised grey thumbnails; stage 2 links a candidate pair when its
+    `shift_correlation` is >= threshold (higher = more alike). Groups are the connected
+    components of the links (union-find), so a group may span splits.
     Returns a DataFrame in the input row order with
       duplicate_group  int64, -1 = no duplicate; examples with the same id are copies
       train_duplicate  bool for rows not in `fit_split` (True = its group holds a `fit_split`
@@ -145,11 +184,14 @@ def find_duplicates(grey32: np.ndarray, splits, *, threshold: float = THRESHOLD,
     if not 0 < threshold <= 1:
         raise ConfigError(f"duplicate threshold must be in (0, 1], got {threshold}")
     splits = np.asarray(splits).astype(str)
+    if grey32.ndim != 3 or grey32.shape[1:] != (32, 32):
+        raise ConfigError(f"find_duplicates needs (N, 32, 32) grey thumbnails, got {grey32.shape}")
     if len(splits) != len(grey32):
         raise ConfigError(f"{len(grey32)} thumbnails but {len(splits)} split names")
-    desc = thumb_descriptor(grey32, size)
-    i, j, _ = similar_pairs(desc, threshold, progress=progress)
-    group = groups_from_pairs(len(desc), i, j)
+    i, j = candidate_pairs(thumb_descriptor(grey32, size), candidates, progress=progress)
+    sim = shift_correlation(grey32[i], grey32[j])
+    keep = sim >= threshold
+    group = groups_from_pairs(len(grey32), i[keep], j[keep])
     in_fit = splits == fit_split
     fit_groups = np.unique(group[in_fit & (group >= 0)])
     has_fit_copy = (group >= 0) & np.isin(group, fit_groups)
