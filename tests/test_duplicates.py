@@ -190,3 +190,11 @@ def test_report_section_lists_groups_only_when_the_column_exists(tmp_path):
     assert 'id="duplicates"' in page and "spans splits" in page
     assert metrics["duplicates"]["n_train_duplicates_in_test"] == 1
     assert "without train duplicates" in page
+
+
+def test_pair_shift_correlation_equals_the_paired_one(planted):
+    g = grey(planted)
+    rng = np.random.default_rng(1)
+    i, j = rng.integers(0, len(g), 50), rng.integers(0, len(g), 50)
+    fast = D.pair_shift_correlation(g, i, j, block=8, pair_batch=7)
+    np.testing.assert_allclose(fast, D.shift_correlation(g[i], g[j]), atol=1e-5)
