@@ -35,7 +35,11 @@ caught reliably). Stage 1's recall (copy within the original's top 20 of all 60,
 exact, colour, rescale, JPEG 1.0; crop 0.98; combination 0.94; translation 1-3 px only 0.64
 (the thumbnail at 8x8 is not shift-tolerant): translated copies that stage 1 misses are missed.
 
-FULL_DOC
+On the full shared CIFAR-10 (50,000 train + 10,000 test JPEGs): 862 groups holding 2,010
+train and 410 test images; 625 groups with >= 2 train images, 34 with >= 2 test images; 372
+test images (3.7%) with a near-copy in train (Barz & Denzler report 3.3% for CIFAR-10).
+Search time on the same contended 2-core machine: stage 1 82 s; stage 2 as first written (windows
+per pair) took the total to 1,101 s; `pair_shift_correlation` builds them once per image.
 
 Functions:
     thumb_descriptor(grey32, size)   (N, size*size) float32 unit rows: normalised grey thumbnails
