@@ -38,8 +38,9 @@ SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Con
             ("reliability", "Reliability"), ("hardness", "Hardness"), ("hardest", "Hardest"),
             ("pairs", "Confused pairs"), ("map", "Map"), ("per-class", "Per class"),
             ("label-issues", "Label issues"), ("robustness", "Robustness"),
-            ("finetune", "Fine-tuning")]
+            ("duplicates", "Duplicates"), ("finetune", "Fine-tuning")]
 OPTIONAL = {"finetune": "finetune"}  # section id -> the run folder it needs to be shown at all
+OPTIONAL_COLUMNS = {"duplicates": "duplicate_group"}  # section id -> the column it needs
 THUMB = sections.THUMB  # display size (px) of example thumbnails
 
 
@@ -53,7 +54,8 @@ def write_report(run_dir, *, top: int = 24, max_rows: int = 200, out=None) -> Pa
         raise ConfigError(f"top must be >= 0 and max_rows >= 1, got top={top}, max_rows={max_rows}")
     ctx = Context(load_run(run_dir), top=top, max_rows=max_rows)
     shown = [(s, b) for s, b in zip(SECTIONS, BUILDERS)
-             if s[0] not in OPTIONAL or (ctx.run.path / OPTIONAL[s[0]]).is_dir()]
+             if (s[0] not in OPTIONAL or (ctx.run.path / OPTIONAL[s[0]]).is_dir())
+             and (s[0] not in OPTIONAL_COLUMNS or OPTIONAL_COLUMNS[s[0]] in ctx.ex.columns)]
     # the summary last: it lists the problems met while building the other sections
     parts = {sid: build(ctx) for (sid, _), build in reversed(shown)}
     nav = [s for s, _ in shown]
@@ -311,6 +313,11 @@ def robustness(ctx: "Context") -> str:
     return perturb_section(ctx.run, max_rows=ctx.max_rows)
 
 
+def duplicates(ctx: "Context") -> str:
+    from .duplicates_section import duplicates_section
+    return duplicates_section(ctx)
+
+
 def finetune(ctx: "Context") -> str:
     from .finetune_section import finetune_section
     return finetune_section(ctx)
@@ -318,7 +325,7 @@ def finetune(ctx: "Context") -> str:
 
 BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
             sections.map_section, sections.per_class, sections.label_issues, robustness,
-            finetune]
+            duplicates, finetune]
 __all__ = ["write_report", "Context", "SECTIONS"]
 
 
