@@ -80,3 +80,14 @@ class CamWarning(UserWarning):
 
 class DeviceError(HardprobeError, RuntimeError):
     """A device, backend or torchrun setting this machine cannot honour."""
+
+
+class DiagnoseError(HardprobeError, ValueError):
+    """Evidence the diagnosis cannot use as given (e.g. a --with run on other images)."""
+
+
+class UnknownExampleError(HardprobeError, KeyError):
+    """An example id that the run does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])
