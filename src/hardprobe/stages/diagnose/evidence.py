@@ -31,7 +31,8 @@ class HeadProbs:
     """Full (N, C) probabilities per head and split, computed once on demand. knn: leave-one-out
     on train; linear: out-of-fold on train (the run's folds and seed), fitted on train for the
     other splits; model: softmax of the stored logits (in-sample on train when the model was
-    trained on these images)."""
+    trained on these images). FEATURES/<split>.probs_<head>.npy, when a run holds it, is
+    read instead of refitting (the linear refit is most of this stage's time)."""
 
     def __init__(self, run, n_classes: int):
         self.run, self.c, self.cfg = run, n_classes, run.config
@@ -57,7 +58,10 @@ class HeadProbs:
         if head == "knn":
             return self.knn(split)[0]
         if (head, split) not in self._cache:
-            if head == "model":
+            stored = self.run.path / "features" / f"{split}.probs_{head}.npy"
+            if stored.exists():  # a classify that keeps its probabilities saves the refit
+                self._cache[head, split] = np.load(stored)
+            elif head == "model":
                 self._cache[head, split] = softmax(self.run.logits(split))
             else:
                 self._linear()
@@ -119,7 +123,7 @@ def image_stats(run, *, batch_size: int, num_workers: int, progress: bool) -> pd
     frames = []
     for name, split in ds.splits.items():
         ids = split.examples["id"].to_numpy()
-        rows = np.flatnonzero(np.isin(ids, list(want)))
+        rows = np.flatnonzero(pd.Series(ids).isin(want).to_numpy())
         loader = torch.utils.data.DataLoader(SplitDataset(split, None, rows),
                                              batch_size=batch_size, num_workers=num_workers,
                                              collate_fn=_as_list)
