@@ -220,3 +220,23 @@ def test_rules_on_arrays():
     modes = causes.primary_cause({"model_error": np.array([True, True, False])},
                                  wrong=[True, False, False], known=[True, True, False])
     assert modes.tolist() == ["model_error", "correct", "unknown"]
+
+
+def test_fragile_from_perturb_columns(diagnosed, tmp_path):
+    run_dir = Path(shutil.copytree(diagnosed, tmp_path / "run"))
+    run = hardprobe.load_run(run_dir)
+    ex = _test_rows(run_dir)
+    plain_right = ex[(ex["kind"] == "n") & (ex["failure_mode"] == "correct")]
+    fragile_ids = set(plain_right["id"].iloc[:3])
+    flips = pd.DataFrame({"id": ex["id"], "flip_severity_noise": [
+        1 if i in fragile_ids else 6 for i in ex["id"]], "flip_severity_blur": 6})
+    run.join("perturb", flips)
+    (run_dir / "perturb").mkdir()
+    pd.DataFrame({"corruption": ["noise"] * 5, "severity": [1, 2, 3, 4, 5], "head": "model",
+                  "accuracy": 0.5, "n": 10}).to_csv(run_dir / "perturb" / "accuracy.csv")
+    diagnose_run(run_dir, images=False, progress=False)
+    got = _test_rows(run_dir).set_index("id")["failure_mode"]
+    assert (got.loc[sorted(fragile_ids)] == "fragile").all()
+    assert "flips at severity 1 under noise" in _test_rows(run_dir).set_index("id").loc[
+        sorted(fragile_ids)[0], "evidence"]
+    assert (got.drop(sorted(fragile_ids)) != "fragile").all()

@@ -9,7 +9,7 @@ finetune's, the human-label and slice columns when present, and the runs given w
                                     metrics.json)
     table columns  failure_mode, cause_<cause> (bool), evidence (text), dx_* (the numbers the
                    rules cut: dx_alt_class, dx_votes_for, dx_votes_against, dx_votes_avail,
-                   dx_top2_ratio, dx_neighbour_split, dx_density_pct), iq_* (image statistics
+                   dx_top2_ratio, dx_neighbour_split, dx_density_pct, dx_alt_density_pct), iq_* (image statistics
                    of scoring.image_quality and iq_flags, the issues that fired), and with
                    with_runs n_models_wrong, n_models_agree_wrong, hardness_rank_mean.
 
