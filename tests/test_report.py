@@ -207,7 +207,7 @@ def test_report_without_optional_stages(run_dir):
     for w in run.metrics.get("warnings", []):  # the run's warnings reach the summary
         assert html.escape(w) in text
     if not run.examples["label_issue"].any():
-        assert "no example is flagged" in text
+        assert "no example is a label-issue candidate" in text
 
 
 def test_report_with_explain_and_similarity(run_dir):
@@ -234,7 +234,7 @@ def test_report_with_explain_and_similarity(run_dir):
 def test_tables_truncate_with_a_note(run_dir):
     flag_issues(run_dir, 5)
     text = write_report(run_dir, top=4, max_rows=2).read_text()
-    assert "showing 2 of 5 flagged examples" in text
+    assert "showing 2 of 5 candidates" in text
     assert "showing 2 of 3 classes" in text  # per-class table
     assert "showing 4 of 12 test examples" in text
     page = check_self_contained(text)
@@ -298,7 +298,7 @@ def test_report_stays_bounded_at_10000_examples(run_dir, monkeypatch):
         torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in ids])
     text = write_report(run_dir, top=24, max_rows=200).read_text()
     assert "showing 24 of 10,000 test examples" in text
-    assert f"showing 200 of {int(big['label_issue'].sum()):,} flagged examples" in text
+    assert f"showing 200 of {int(big['label_issue'].sum()):,} candidates" in text
     li = text[text.index('id="label-issues"'):]
     assert li.count("<tr>") == 1 + 200
     assert text.count('class="card') == 24

@@ -88,3 +88,14 @@ class DeviceError(HardprobeError, RuntimeError):
 
 class LabelFileError(HardprobeError, ValueError):
     """A label file (--labels, --soft-labels) that does not fit the split it is meant for."""
+
+
+class DiagnoseError(HardprobeError, ValueError):
+    """Evidence the diagnosis cannot use as given (e.g. a --with run on other images)."""
+
+
+class UnknownExampleError(HardprobeError, KeyError):
+    """An example id that the run does not hold."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0])

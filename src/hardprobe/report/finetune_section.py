@@ -235,7 +235,7 @@ def _hardest(ctx, tr: pd.DataFrame) -> str:
     order = order.sort_values(["_nl", "ft_aum"], ascending=[False, True], kind="stable")
     shown = order.head(n)
     cols = ["image", "id", "given", "fine-tuned pred", "AUM", "flag", "confidence",
-            "variability", "region", "forgetting", "frozen hardness", "label issue"]
+            "variability", "region", "forgetting", "frozen hardness", "label-issue candidate"]
     noisy = "planted_noise" in tr
     if noisy:
         cols.append("planted flip")

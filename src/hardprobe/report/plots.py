@@ -199,7 +199,7 @@ def map_scatter(x, y, labels, names, *, hard=None, issue=None, title: str = "") 
         ax.scatter(x[issue], y[issue], s=8 if many else 18, marker="x", color="black",
                    linewidths=0.5 if many else 0.9, alpha=0.5 if many else 0.8, rasterized=True)
         handles.append(Line2D([], [], ls="", marker="x", color="black", alpha=0.7,
-                              label=f"label issue ({int(issue.sum()):,})"))
+                              label=f"label-issue candidate ({int(issue.sum()):,})"))
     if hard is not None and np.any(hard):  # rings with a white halo, drawn last, on top
         hard = np.asarray(hard, bool)
         ring = max(4 * s, 70)

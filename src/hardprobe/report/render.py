@@ -34,10 +34,11 @@ from .template import (
     truncation_note,
 )
 
-SECTIONS = [("summary", "Summary"), ("accuracy", "Accuracy"), ("confusion", "Confusion"),
+SECTIONS = [("why", "Why"), ("summary", "Summary"), ("accuracy", "Accuracy"),
+            ("confusion", "Confusion"),
             ("reliability", "Reliability"), ("hardness", "Hardness"), ("hardest", "Hardest"),
             ("pairs", "Confused pairs"), ("map", "Map"), ("per-class", "Per class"),
-            ("label-issues", "Label issues"), ("robustness", "Robustness"),
+            ("label-issues", "Label-issue candidates"), ("robustness", "Robustness"),
             ("duplicates", "Duplicates"), ("finetune", "Fine-tuning")]
 OPTIONAL = {"finetune": "finetune"}  # section id -> the run folder it needs to be shown at all
 OPTIONAL_COLUMNS = {"duplicates": "duplicate_group"}  # section id -> the column it needs
@@ -290,7 +291,8 @@ def hardness(ctx: Context) -> str:
         rows.append([esc(s), fmt(len(d)), fmt(h.mean()), fmt(h.median()), fmt(h.quantile(0.9)),
                      fmt(issues) + upper_bound(ctx.metrics, s), pct(issues / max(len(d), 1))])
     return (img(plots.hardness_histogram(vals), "hardness histogram", cls="plot") +
-            table(["split", "examples", "mean hardness", "median", "90th pct", "label issues",
+            table(["split", "examples", "mean hardness", "median", "90th pct",
+                   "label-issue candidates",
                    "share flagged"], rows, num_cols=range(1, 7)) +
             '<p class="caption">hardness = mean of (1 − mean over heads of the probability of '
             "the given label) and the kNN disagreement, in [0, 1]; higher = harder.</p>")
@@ -301,7 +303,8 @@ def hardest(ctx: Context) -> str:
     head = truncation_note(len(ctx.hardest), n, f"{ctx.split} examples")
     head += (f'<p class="caption">The hardest {esc(ctx.split)} examples first. Labels: given → '
              f"predicted by the primary head (<b>{esc(ctx.primary)}</b>); a red frame marks a "
-             "label issue.</p>")
+             "label-issue candidate (cleanlab's flag, not a verdict); each card names its "
+             "diagnosed cause and the evidence.</p>")
     head += sections.explain_header(ctx) + sections.similarity_header(ctx)
     cards = "".join(sections.example_card(ctx, r, k + 1) for k, (_, r) in
                     enumerate(ctx.hardest.iterrows()))
@@ -323,7 +326,12 @@ def finetune(ctx: "Context") -> str:
     return finetune_section(ctx)
 
 
-BUILDERS = [summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
+def why(ctx: "Context") -> str:
+    from .why_section import why_section
+    return why_section(ctx)
+
+
+BUILDERS = [why, summary, accuracy, confusion, reliability, hardness, hardest, sections.pairs,
             sections.map_section, sections.per_class, sections.label_issues, robustness,
             duplicates, finetune]
 __all__ = ["write_report", "Context", "SECTIONS"]

@@ -162,7 +162,8 @@ def example_card(ctx, r, rank: int) -> str:
     if ctx.explain is not None:
         cams, cam_warns = _cams(ctx, ex_id)
         figs += cams
-    badge = ' <span class="badge issue">label issue</span>' if issue else ""
+    badge = (' <span class="badge issue" title="cleanlab\'s flag: a candidate, not a verdict">'
+             "label-issue candidate</span>" if issue else "")
     others = [f"{h} → {esc(ctx.name(r[f'pred_{h}']))}" for h in ctx.heads[1:]
               if f"pred_{h}" in r and int(r[f"pred_{h}"]) != pred]
     lines = [f'<span class="lbl">{esc(r["label_name"])}</span> → <span class="lbl '
@@ -172,6 +173,9 @@ def example_card(ctx, r, rank: int) -> str:
              + (f" · label quality {_sig(r['label_quality'])}" if "label_quality" in r else "")]
     if others:
         lines.append('<span class="muted">other heads: ' + ", ".join(others) + "</span>")
+    if "failure_mode" in r and isinstance(r["failure_mode"], str):
+        lines.append(f'cause <b>{esc(r["failure_mode"])}</b> · <span class="muted">'
+                     f'{esc(r.get("evidence", ""))}</span>')
     for w in cam_warns:
         lines.append(f'<span class="badge warn">CAM</span> <span class="muted">{esc(w)}</span>')
     lines.append(f'<span class="id">#{rank} · {esc(ex_id)}</span>')
@@ -238,7 +242,7 @@ def map_section(ctx) -> str:
                                 title=f"{method} map of {len(m):,} examples")
         out += img(png, "2-D map of the embeddings", cls="plot")
         out += (f'<p class="caption">Each point is an example, coloured by its given label; black '
-                f"rings: the hardest {esc(ctx.split)} examples shown above; black ×: label issues. "
+                f"rings: the hardest {esc(ctx.split)} examples shown above; black ×: label-issue candidates. "
                 f"Silhouette (embedding space, by given label): "
                 f"{fmt(summ.get('silhouette'))}.</p>")
     if sim["centroid"] is not None:
@@ -282,7 +286,7 @@ def per_class(ctx) -> str:
     records.sort()
     shown = records[: ctx.max_rows]
     header = (["class", f"support ({ctx.split})"] + [f"acc {h}" for h in ctx.heads]
-              + ["mean hardness"] + [f"issues {s}" for s in ctx.splits])
+              + ["mean hardness"] + [f"candidates {s}" for s in ctx.splits])
     if sep is not None:
         header += ["intra sim", "nearest class", "nearest sim"]
     rows = []
@@ -298,7 +302,7 @@ def per_class(ctx) -> str:
         rows.append(row)
     num = [i for i, h in enumerate(header) if h not in ("class", "nearest class")]
     return (f'<p class="caption">Per class on the {esc(ctx.split)} split, lowest '
-            f"{esc(ctx.primary)} accuracy first; label issues per split.</p>"
+            f"{esc(ctx.primary)} accuracy first; label-issue candidates per split.</p>"
             + truncation_note(len(shown), len(records), "classes") + table(header, rows,
                                                                            num_cols=num))
 
@@ -310,7 +314,7 @@ def label_issues(ctx) -> str:
     flagged = ex[ex["label_issue"].fillna(False).astype(bool)]
     head = ctx.metrics.get("label_issue_head", ctx.primary)
     if flagged.empty:
-        return (f'<p class="note off">no example is flagged as a label issue (by the '
+        return (f'<p class="note off">no example is a label-issue candidate (by the '
                 f"{esc(head)} head; see the warnings in the summary).</p>")
     flagged = flagged.sort_values("label_quality", kind="stable")
     shown = flagged.head(ctx.max_rows)
@@ -322,9 +326,11 @@ def label_issues(ctx) -> str:
             "trained on)" if head == "model" else "out-of-sample")
     return (f'<p class="caption">Examples whose given label the {esc(head)} head\'s {kind} '
             "probabilities contradict (confident learning), lowest label quality first: "
-            f"{len(flagged):,} flagged of {len(ex):,}."
+            f"{len(flagged):,} candidates of {len(ex):,}. A candidate is not a verdict: the "
+            "Why section says which are diagnosed label errors and which the model's own "
+            "failures."
             + (f" Train flags:{upper_bound(ctx.metrics)}" if upper_bound(ctx.metrics) else "")
             + "</p>"
-            + truncation_note(len(shown), len(flagged), "flagged examples")
+            + truncation_note(len(shown), len(flagged), "candidates")
             + table(["image", "id", "split", "given", f"predicted ({head})", "label quality",
                      "hardness"], rows, num_cols=(5, 6)))

@@ -71,6 +71,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           stamp="depth's options and the layer features' cache key"),
     Stage("finetune", files=("finetune/",), prefixes=("ft_",), requires=("classify",),
           stamp="fine-tuning options, feature keys, train ids and labels"),
+    Stage("diagnose", files=("diagnose/",),
+          columns=("failure_mode", "evidence", "n_models_wrong", "n_models_agree_wrong",
+                   "hardness_rank_mean"),
+          prefixes=("cause_", "dx_", "iq_"), requires=("classify",),
+          stamp="classify's, perturb's and finetune's stamps, its options, the --with runs, "
+                "the human-label and slice columns present"),
     Stage("report", files=("report.html",), requires=("classify",),
           stamp="the stamps of every stage it shows"),
     Stage("explore", files=("explorer.html",), requires=("classify",),

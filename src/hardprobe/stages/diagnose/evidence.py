@@ -1,0 +1,169 @@
+"""Gathering the evidence the rules read: probabilities, neighbours, class density, image
+statistics, perturbation flips and the other runs' opinions. Arrays are in the row order of
+`run.split_examples(split)`."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from ...core.stats import softmax
+from ...data.datasets import SplitDataset
+from ...errors import DiagnoseError
+from ...heads import KNNClassifier, LinearProbe, cross_val_predict_proba
+from ...rundir.layout import FIT_SPLIT, primary_head
+from ...rundir.run import load_run
+from ...scoring import image_quality
+
+log = logging.getLogger(__name__)
+
+
+def unit(X) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(X, np.float32))
+    return torch.nn.functional.normalize(t, dim=1)
+
+
+class HeadProbs:
+    """Full (N, C) probabilities per head and split, computed once on demand. knn: leave-one-out
+    on train; linear: out-of-fold on train (the run's folds and seed), fitted on train for the
+    other splits; model: softmax of the stored logits (in-sample on train when the model was
+    trained on these images). FEATURES/<split>.probs_<head>.npy, when a run holds it, is
+    read instead of refitting (the linear refit is most of this stage's time)."""
+
+    def __init__(self, run, n_classes: int):
+        self.run, self.c, self.cfg = run, n_classes, run.config
+        self.y_fit = run.split_examples(FIT_SPLIT)["label"].to_numpy()
+        self._cache: dict = {}
+        self.extra: dict = {}  # other per-run arrays a caller computes once (densities)
+        self._knn = None
+
+    def knn(self, split: str):
+        """-> (probs (N, C), sims (N, k), train rows idx (N, k))."""
+        if ("knn", split) not in self._cache:
+            if self._knn is None:
+                k = min(self.cfg.k, len(self.y_fit) - 1)
+                self._knn = KNNClassifier(k=k, temperature=self.cfg.temperature,
+                                          weights=self.cfg.knn_weights).fit(
+                    self.run.features(FIT_SPLIT), self.y_fit, n_classes=self.c)
+            x = None if split == FIT_SPLIT else self.run.features(split)
+            self._cache["knn", split] = self._knn.predict_proba_and_neighbors(
+                x, exclude_self=x is None)
+        return self._cache["knn", split]
+
+    def get(self, head: str, split: str) -> np.ndarray:
+        if head == "knn":
+            return self.knn(split)[0]
+        if (head, split) not in self._cache:
+            stored = self.run.path / "features" / f"{split}.probs_{head}.npy"
+            if stored.exists():  # a classify that keeps its probabilities saves the refit
+                self._cache[head, split] = np.load(stored)
+            elif head == "model":
+                self._cache[head, split] = softmax(self.run.logits(split))
+            else:
+                self._linear()
+        return self._cache[head, split]
+
+    def _linear(self):
+        probe = LinearProbe(C=self.cfg.linear_c, seed=self.cfg.seed)
+        X = self.run.features(FIT_SPLIT)
+        self._cache["linear", FIT_SPLIT] = cross_val_predict_proba(
+            probe, X, self.y_fit, n_folds=self.cfg.folds, seed=self.cfg.seed, n_classes=self.c)
+        probe.fit(X, self.y_fit, n_classes=self.c)
+        for s in self.run.splits:
+            if s != FIT_SPLIT:
+                self._cache["linear", s] = probe.predict_proba(self.run.features(s))
+
+
+def class_similarity(run, split: str, k: int, classes=None, chunk: int = 4096) -> np.ndarray:
+    """(N,) mean cosine similarity of each example to its k nearest TRAIN examples of class
+    classes[i] (default: its own given label; -1 = skip, NaN); a train example never counts
+    itself. Higher = denser, more typical of that class."""
+    tr = run.split_examples(FIT_SPLIT)
+    Xt, yt = unit(run.features(FIT_SPLIT)), tr["label"].to_numpy()
+    q = run.split_examples(split)
+    Xq = unit(run.features(split))
+    classes = q["label"].to_numpy() if classes is None else np.asarray(classes)
+    out = np.full(len(q), np.nan)
+    for c in np.unique(classes[classes >= 0]):
+        ref_rows = np.flatnonzero(yt == c)
+        rows = np.flatnonzero(classes == c)
+        kk = min(k, len(ref_rows) - (split == FIT_SPLIT))
+        if kk < 1:
+            continue
+        R = Xt[ref_rows]  # (N_c, D)
+        for a in range(0, len(rows), chunk):
+            r = rows[a:a + chunk]
+            S = Xq[r] @ R.T  # (B, N_c)
+            if split == FIT_SPLIT:  # a train query of class c is ref row pos: leave it out
+                pos = np.searchsorted(ref_rows, r)
+                mine = (pos < len(ref_rows)) & (ref_rows[np.minimum(pos, len(ref_rows) - 1)] == r)
+                S[torch.as_tensor(np.flatnonzero(mine)), torch.as_tensor(pos[mine])] = -np.inf
+            out[r] = S.topk(kk, dim=1).values.mean(1).numpy()
+    return out
+
+
+def _as_list(batch):  # module level so that DataLoader workers can pickle it
+    return batch
+
+
+def image_stats(run, *, batch_size: int, num_workers: int, progress: bool) -> pd.DataFrame | None:
+    """id + image_quality.STATS for every example of the table, or None (with a warning) when
+    the run's images cannot be opened. Images of one shape are measured as one batch."""
+    try:
+        ds = run.dataset()
+    except Exception as e:  # the images moved or changed: quality stays unknown, not invented
+        warnings.warn(f"diagnose: the run's images could not be opened ({e}); image-quality "
+                      "evidence is missing (low_quality stays False)")
+        return None
+    want = set(run.examples["id"])
+    frames = []
+    for name, split in ds.splits.items():
+        ids = split.examples["id"].to_numpy()
+        rows = np.flatnonzero(pd.Series(ids).isin(want).to_numpy())
+        loader = torch.utils.data.DataLoader(SplitDataset(split, None, rows),
+                                             batch_size=batch_size, num_workers=num_workers,
+                                             collate_fn=_as_list)
+        for batch in tqdm(loader, desc=f"image statistics ({name})", disable=not progress):
+            ok = [(x, i) for x, i, err in batch if not err]
+            shapes: dict = {}
+            for x, i in ok:
+                shapes.setdefault(tuple(x.shape), []).append((x, i))
+            for group in shapes.values():
+                arr = torch.stack([x for x, _ in group]).permute(0, 2, 3, 1).numpy()
+                st = image_quality.image_statistics(arr)
+                st.insert(0, "id", ids[[i for _, i in group]])
+                frames.append(st)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def other_runs(run, paths: list[str]) -> dict[str, pd.DataFrame]:
+    """{name: DataFrame(id, label, pred, hardness)} of the other runs' primary heads, checked to
+    hold the same images with the same labels."""
+    out = {}
+    ids = set(run.examples["id"])
+    ref = run.examples.set_index("id")["label"]
+    for p in paths:
+        other = load_run(p)
+        ex = other.examples
+        if "hardness" not in ex:
+            raise DiagnoseError(f"--with {p}: that run has no scores; run `hardprobe classify "
+                                f"{p}` first")
+        common = ex[ex["id"].isin(ids)]
+        if len(common) < len(ex) / 2 or common.empty:
+            raise DiagnoseError(f"--with {p}: only {len(common)} of its {len(ex)} examples are "
+                                f"in {run.path}; --with needs runs on the same images")
+        bad = (ref.loc[common["id"]].to_numpy() != common["label"].to_numpy()).sum()
+        if bad:
+            raise DiagnoseError(f"--with {p}: {bad} shared examples have other labels than in "
+                                f"{run.path}; compare runs made with the same labels")
+        head = primary_head(ex.columns)
+        name = f"{other.provenance.get('backbone', {}).get('name', 'run')}@{other.path.name}"
+        out[name] = pd.DataFrame({"id": common["id"].to_numpy(),
+                                  "pred": common[f"pred_{head}"].to_numpy(),
+                                  "hardness": common["hardness"].to_numpy(),
+                                  "split": common["split"].to_numpy()})
+    return out
