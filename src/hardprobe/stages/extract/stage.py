@@ -49,7 +49,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                       precision=cfg.precision, with_logits=use_head,
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
-                                      progress=progress, ctx=ctx)
+                                      progress=progress, ctx=ctx, engine=cfg.engine,
+                                      calibration=dataset.splits.get(FIT_SPLIT))
         if not ctx.main:  # rank 0 alone writes the run directory
             continue
         ok = arrays["ok"]
@@ -127,6 +128,8 @@ def _provenance(cfg, backbone: Backbone, dataset: ImageSet, entries, use_head, s
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "extract_seconds": round(seconds, 2),
         "backbone": backbone.describe(), "cam_layer": backbone.cam_layer,
         "dataset": dataset.describe(), "model_head": use_head, "features": entries,
+        "engine": {s: e["key"].get("engine", "torch") for s, e in entries.items()},
+        "precision": {s: e["key"]["precision"] for s, e in entries.items()},
     }
 
 
