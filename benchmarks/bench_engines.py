@@ -51,7 +51,7 @@ def knn_predict(train_e, train_y, q, k=20):
     s = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ t.T
     nn = np.argpartition(-s, k, axis=1)[:, :k]
     votes = np.zeros((len(q), train_y.max() + 1))
-    np.add.at(votes, (np.arange(len(q))[:, None], nn), 1)
+    np.add.at(votes, (np.arange(len(q))[:, None], train_y[nn]), 1)
     return votes.argmax(1)
 
 
