@@ -158,3 +158,33 @@ def test_fit_leaves_the_features_untouched(dtype):
     before = X.copy()
     LinearProbe().fit(X, rng.integers(0, 3, 200))
     np.testing.assert_array_equal(X, before)
+
+
+def test_return_estimator_is_the_full_data_fit():
+    X, y = make_classification(**EASY)
+    oof, model = cross_val_predict_proba(LinearProbe(), X, y, return_estimator=True)
+    np.testing.assert_array_equal(oof, cross_val_predict_proba(LinearProbe(), X, y))
+    np.testing.assert_array_equal(model.coef_, LinearProbe().fit(X, y).coef_)
+
+
+def test_groups_stay_inside_one_fold():
+    # Each group holds 4 copies of one row with random labels: if a copy sat in the train
+    # folds of its twin, the probe (which memorises, D > N) would score the twin's label high.
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(40, 200))
+    X = np.repeat(base, 4, axis=0) + 1e-3 * rng.normal(size=(160, 200))
+    y = np.repeat(np.arange(40) % 4, 4)
+    groups = np.repeat(np.arange(40), 4)
+    groups[:8] = -1  # two groups dissolved into singletons: they may split
+    oof = cross_val_predict_proba(LinearProbe(), X, y, n_folds=4, groups=groups)
+    leaky = cross_val_predict_proba(LinearProbe(), X, y, n_folds=4)
+    true_grouped = oof[np.arange(8, 160), y[8:]].mean()
+    assert true_grouped < 0.45 < leaky[np.arange(8, 160), y[8:]].mean()
+    seen = {}
+    from hardprobe.heads.linear import _folds
+    for f, (_, test) in enumerate(_folds(X, y, 4, 0, groups)):
+        for g in groups[test]:
+            if g >= 0:
+                assert seen.setdefault(g, f) == f
+    with pytest.raises(ValueError, match="groups must be"):
+        cross_val_predict_proba(LinearProbe(), X, y, groups=np.zeros(5, dtype=int))

@@ -25,13 +25,16 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'fp32' | 'bf16' | 'auto' -> 'fp32' or 'bf16'.
+    """'fp32' | 'bf16' | 'int8' | 'auto' -> 'fp32', 'bf16' or 'int8'.
+
+    int8 (OpenVINO + NNCF post-training quantisation, CPU only) is kept as asked and never
+    chosen by auto: its features differ from fp32's (see stages/extract/engines.py).
 
     auto = bf16 where the hardware has bf16 matrix units: a CUDA GPU that supports it, or a
     CPU with AMX or AVX512-BF16 (elsewhere bf16 on the CPU is emulated and slower than fp32).
     """
-    if precision not in ("fp32", "bf16", "auto"):
-        raise ConfigError(f"--precision must be fp32, bf16 or auto, not {precision!r}")
+    if precision not in ("fp32", "bf16", "int8", "auto"):
+        raise ConfigError(f"--precision must be fp32, bf16, int8 or auto, not {precision!r}")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

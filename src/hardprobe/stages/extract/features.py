@@ -21,13 +21,14 @@ from ...core.device import default_num_workers, resolve_device, resolve_precisio
 from ...core.io import atomic_write_text
 from ...data.datasets import Split, SplitDataset, collate_skipping
 from ...errors import ConfigError, NonFiniteFeaturesError
+from .engines import engine_tag, make_engine, resolve_engine
 
 # Bump when a change to this module changes what it writes for the same inputs.
 FEATURES_VERSION = 3
 
 
 def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits: bool,
-                dtype: str = "float32") -> dict:
+                dtype: str = "float32", engine: str = "torch") -> dict:
     """Everything that determines the arrays: the cache key."""
     key = {
         "version": FEATURES_VERSION,
@@ -40,6 +41,8 @@ def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits
     }
     if dtype != "float32":  # stored embedding dtype; float32 keys stay as they were
         key["dtype"] = dtype
+    if engine != "torch":  # engine_tag, e.g. openvino-2026.0.0; torch keys stay as they were
+        key["engine"] = engine
     return key
 
 
@@ -47,13 +50,15 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
                   precision: str = "fp32", with_logits: bool = True, batch_size: int = 128,
                   num_workers: int | None = None, shard_size: int = 4096,
                   dtype: str = "float32", progress: bool = True,
-                  ctx: distributed.Context = distributed.SINGLE
+                  ctx: distributed.Context = distributed.SINGLE, engine: str = "torch",
+                  calibration: Split | None = None
                   ) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
     """Features of every example of `split`, from the cache when present.
 
     dtype: "float32", or "float16" to halve the disk and memory of the embeddings (the
     kNN neighbours change by about 0.05%, see docs/benchmarks.md); logits stay float32.
-    ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
+    engine: torch | openvino | auto (see engines.py); precision int8 quantises on the first
+    images of `calibration` (the train split). ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
     missing shards into the same cache entry; rank 0 joins them and returns the arrays,
     the other ranks return (None, entry).
     Returns ({"embedding": (N, D) float32 (or dtype), "logits": (N, C) float32 if with_logits,
@@ -65,9 +70,12 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
     with_logits = with_logits and backbone.num_classes is not None
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"feature dtype must be float32 or float16, not {dtype!r}")
+    eng_name, _ = resolve_engine(engine, dev, precision)
     entry = CacheEntry(cache_dir or default_cache_dir(), feature_key(
-        backbone, split, precision=precision, with_logits=with_logits, dtype=dtype))
+        backbone, split, precision=precision, with_logits=with_logits, dtype=dtype,
+        engine=engine_tag(eng_name)))
     work = dict(dev=dev, precision=precision, with_logits=with_logits, batch_size=batch_size,
+                engine=eng_name, calibration=calibration,
                 num_workers=default_num_workers(ctx) if num_workers is None
                 else num_workers, progress=progress, dtype=dtype)
     if ctx.broadcast(entry.digest) != entry.digest:
@@ -104,7 +112,8 @@ def _plan(entry: CacheEntry, n: int, shard_size: int) -> tuple[int, int, list[in
 
 
 def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with_logits,
-             batch_size, num_workers, progress, dtype, ctx=distributed.SINGLE) -> None:
+             batch_size, num_workers, progress, dtype, engine="torch", calibration=None,
+             ctx=distributed.SINGLE) -> None:
     """Forward the rows of `shards` and write each as it finishes."""
     n = len(split)
     ranges = [np.arange(i * shard_size, min(n, (i + 1) * shard_size)) for i in shards]
@@ -117,10 +126,15 @@ def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with
                                                        f"({ctx.describe()})"
     else:
         total, done, desc = n, n - sum(map(len, ranges)), f"{backbone.name} {split.name}"
+    calib = (calibration_batches(backbone, calibration, batch_size)
+             if precision == "int8" else None)
+    runner = make_engine(backbone, dev, engine=engine, precision=precision, calibration=calib,
+                         cache_dir=entry.dir.parents[1] / "openvino"
+                         if engine == "openvino" else None)
     bar = tqdm(total=total, initial=done, unit="img", disable=not progress or not ctx.main,
                desc=desc)
     for i, idx in zip(shards, ranges):
-        arrays = _forward_indices(backbone, split, idx, dev, precision, batch_size,
+        arrays = _forward_indices(backbone, split, idx, dev, runner, batch_size,
                                   num_workers, with_logits, bar)
         arrays["embedding"] = arrays["embedding"].astype(dtype, copy=False)
         entry.write_shard(i, index=idx, **arrays)
@@ -135,7 +149,19 @@ def _layout(entry: CacheEntry, shard_size: int) -> int:
     return shard_size
 
 
-def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_workers, with_logits,
+def calibration_batches(backbone, split: Split | None, batch_size: int, n: int = 300,
+                        seed: int = 0) -> list[torch.Tensor] | None:
+    """int8 calibration: n train images drawn at random (seed), normalised, in batches."""
+    if split is None:
+        return None
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+    loader = torch.utils.data.DataLoader(SplitDataset(split, backbone.preprocess.geometric, idx),
+                                         batch_size=min(batch_size, 64),
+                                         collate_fn=collate_skipping)
+    return [backbone.preprocess.normalize(x) for x, _, _ in loader if x is not None]
+
+
+def _forward_indices(backbone, split, idx, dev, runner, batch_size, num_workers, with_logits,
                      bar) -> dict[str, np.ndarray]:
     """Features of rows idx (a contiguous range). Undecodable images get NaN rows, ok=False and
     their error message, so one bad file never stops or loses a run."""
@@ -149,19 +175,17 @@ def _forward_indices(backbone, split, idx, dev, precision, batch_size, num_worke
            "ok": np.ones(n, bool), "error": np.full(n, "", dtype=object)}
     if with_logits:
         out["logits"] = np.full((n, backbone.num_classes), np.nan, np.float32)
-    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16"
-                else contextlib.nullcontext())
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode():
         for x, rows, failed in loader:  # x: (B, 3, H, W) uint8, rows: (B,) split rows
             for i, err in failed:
                 out["ok"][i - start], out["error"][i - start] = False, err
             if x is not None:
                 x = backbone.preprocess.normalize(x.to(dev, non_blocking=True))
-                e, lg = backbone(x.contiguous(memory_format=torch.channels_last))
+                e, lg = runner(x)  # float32 numpy (B, D), (B, C) or None
                 pos = rows.numpy() - start
-                out["embedding"][pos] = e.float().cpu().numpy()  # (B, D)
+                out["embedding"][pos] = e
                 if with_logits:
-                    out["logits"][pos] = lg.float().cpu().numpy()  # (B, C)
+                    out["logits"][pos] = lg
             bar.update(len(rows) + len(failed))
     out["error"] = out["error"].astype(str)  # fixed-width unicode: saved without pickle
     return out

@@ -53,7 +53,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                       precision=cfg.precision, with_logits=use_head,
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
-                                      progress=progress, ctx=ctx)
+                                      progress=progress, ctx=ctx, engine=cfg.engine,
+                                      calibration=dataset.splits.get(FIT_SPLIT))
         if not ctx.main:  # rank 0 alone writes the run directory
             continue
         ok = arrays["ok"]
@@ -152,6 +153,8 @@ def _provenance(cfg, backbone: Backbone, dataset: ImageSet, entries, use_head, s
         "features_trained_on_train": features_trained_on_train(
             None if info is None else info.trained_on, dataset.describe(),
             getattr(cfg, "features_trained_on_train", None)),
+        "engine": {s: e["key"].get("engine", "torch") for s, e in entries.items()},
+        "precision": {s: e["key"]["precision"] for s, e in entries.items()},
     }
 
 
