@@ -197,6 +197,8 @@ def test_python_and_cli_defaults_agree(cmd):
     import dataclasses
     import inspect
     params = inspect.signature(cli.target(cmd)).parameters
+    if "config" in params:  # built from the config itself: the defaults agree by construction
+        return
     cfg = cmd.config()
     for f in dataclasses.fields(cfg):
         assert f.name in params, f"{cmd.target} has no parameter {f.name}"

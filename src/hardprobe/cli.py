@@ -18,6 +18,8 @@ from typing import Callable
 
 from . import config as C
 from .errors import HardprobeError
+from .report.explorer import ExploreConfig
+from .stages.diagnose.stage import DiagnoseConfig
 
 # the options of `hardprobe classify`: the head fields of RunConfig
 HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
@@ -63,7 +65,13 @@ COMMANDS = (
             "prediction (Baldock et al. 2021)", ("run_dir",), C.DepthConfig,
             "hardprobe.stages.depth:depth_run"),
     Command("compare", "two runs on the same images side by side (HTML)", ("run_a", "run_b"),
-            C.CompareConfig, "hardprobe.stages.compare:compare_runs"),
+            C.CompareConfig, "hardprobe.compare:compare"),
+    Command("diagnose", "a cause for every example (label error, ambiguous, atypical, model "
+            "error, fragile, low quality) with its evidence", ("run_dir",), DiagnoseConfig, "hardprobe.stages.diagnose:diagnose_run"),
+    Command("why", "one example's diagnosis: scores, evidence, neighbours, slice",
+            ("run_dir", "example_id"), target="hardprobe.stages.diagnose:why"),
+    Command("explore", "write RUN_DIR/explorer.html: browse every example offline",
+            ("run_dir",), ExploreConfig, "hardprobe.report.explorer:explore_run"),
     Command("report", "write RUN_DIR/report.html (self-contained)", ("run_dir",),
             C.ReportConfig, "hardprobe.report:write_report"),
     Command("models", "list the registered backbones"),
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(ns: argparse.Namespace) -> int:
     cmd = BY_NAME[ns.command]
     special = {"run": _run, "extract": _run, "classify": _classify, "rank": _rank,
-               "cka": _cka, "models": _models, "doctor": _doctor, "layers": _layers}
+               "cka": _cka, "why": _why, "diagnose": _diagnose, "models": _models, "doctor": _doctor, "layers": _layers}
     if cmd.name in special:
         return special[cmd.name](ns, cmd)
     cfg = stage_config(cmd.config, ns)
@@ -226,6 +234,19 @@ def _rank(ns, cmd) -> int:
     df = target(cmd)(ns.run_dir, top=cfg.top, split=split, by=cfg.by)
     from .rundir.run import load_run
     _print_rank(df, load_run(ns.run_dir).class_names)
+    return 0
+
+
+def _why(ns, cmd) -> int:
+    print(target(cmd)(ns.run_dir, ns.example_id))
+    return 0
+
+
+def _diagnose(ns, cmd) -> int:
+    summary = target(cmd)(ns.run_dir, stage_config(cmd.config, ns))
+    for cause, n in summary.get("counts", {}).items():
+        print(f"  {cause:<12} {n}")
+    print(f"wrote {ns.run_dir}")
     return 0
 
 
