@@ -170,7 +170,6 @@ def setup_logging(quiet: bool = False) -> None:
         h._hardprobe = True
         log.addHandler(h)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
-    log.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:
