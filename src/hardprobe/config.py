@@ -169,6 +169,7 @@ class RunConfig:
         help="2-D map of the test embeddings: tsne or pca")
     similarity: bool = option(True, help="compute neighbours, centroids and the 2-D map")
     report: bool = option(True, help="write RUN_DIR/report.html")
+    explorer: bool = option(True, help="write RUN_DIR/explorer.html (every test example, offline)")
     # output
     out: str = option("runs/latest", help="run directory to write")
 

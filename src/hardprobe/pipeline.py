@@ -49,6 +49,13 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
                | {"top": cfg.top} | _optional_stage_digests(out))
         _step(r, "report", key, lambda: write_report(out, top=cfg.top),
               also=not (out / "report.html").exists())
+    if cfg.explorer and "test" in r.splits:
+        from .report.explorer import write_explorer
+        stamps = r.stamps()
+        key = {s: stamps.get(s) for s in ("classify", "similarity", "explain")} | {
+            "splits": ["test"]}
+        _step(r, "explore", key, lambda: write_explorer(out),
+              also=not (out / "explorer.html").exists())
     return out
 
 
