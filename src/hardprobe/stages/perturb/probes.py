@@ -190,7 +190,7 @@ def _forward(backbone, source: _Source, *, device="cpu", precision="fp32", batch
 
     from ...core.device import resolve_device, resolve_precision
     from ...data.datasets import Split
-    from ..extract.engines import make_engine
+    from ..extract.engines import TorchEngine
     from ..extract.features import _forward_indices
     dev = resolve_device(device)
     precision = resolve_precision(precision, dev)
@@ -206,7 +206,7 @@ def _forward(backbone, source: _Source, *, device="cpu", precision="fp32", batch
     backbone.model.to(memory_format=torch.channels_last)
     bar = tqdm(total=n, unit="img", disable=not progress, desc=desc, leave=False)
     try:
-        runner = make_engine(backbone, dev, precision=precision)  # torch, as the probes' heads
+        runner = TorchEngine(backbone, dev, precision)  # no engine choice or log per call
         out = _forward_indices(backbone, split, np.arange(n), dev, runner, batch_size,
                                num_workers, with_logits, bar)
     finally:
