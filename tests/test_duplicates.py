@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import warnings
 from pathlib import Path
@@ -166,30 +165,24 @@ def test_report_section_lists_groups_only_when_the_column_exists(tmp_path):
     from hardprobe import pipeline
     from hardprobe.config import build_config
     from hardprobe.report import write_report
-    from hardprobe.rundir.run import write_examples
+    from hardprobe.rundir.run import load_run
     train, test = make_folder(tmp_path / "train", 6, 0), make_folder(tmp_path / "test", 2, 1)
     shutil.copy(train / "cat" / "img_000.png", test / "cat" / "img_009.png")  # a cross-split copy
-    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
-                       train=str(train), test=str(test), out=str(tmp_path / "run"),
-                       cache_dir=str(tmp_path / "cache"), k=3, num_workers=0, heads=["knn"],
-                       similarity=False, top=0, report=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        run_dir = Path(pipeline.run(cfg, progress=False))
-    assert 'id="duplicates"' not in write_report(run_dir).read_text()
-    from hardprobe.rundir.run import load_run
-    run = load_run(run_dir)
-    ex = run.examples
-    cols = D.find_duplicates(run_thumbnails(run, progress=False), ex["split"].to_numpy())
-    ex = pd.concat([ex, cols], axis=1)
-    write_examples(run_dir, ex)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    metrics["duplicates"] = D.duplicate_metrics(ex, ["knn"])
-    (run_dir / "metrics.json").write_text(json.dumps(metrics))
-    page = write_report(run_dir).read_text()
-    assert 'id="duplicates"' in page and "spans splits" in page
-    assert metrics["duplicates"]["n_train_duplicates_in_test"] == 1
-    assert "without train duplicates" in page
+    pages = {}
+    for dup in (False, True):
+        cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                           train=str(train), test=str(test), out=str(tmp_path / f"run{dup}"),
+                           cache_dir=str(tmp_path / "cache"), k=3, num_workers=0,
+                           heads=["knn"], similarity=False, top=0, report=False,
+                           duplicates=dup)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_dir = Path(pipeline.run(cfg, progress=False))
+        pages[dup] = write_report(run_dir).read_text()
+    assert 'id="duplicates"' not in pages[False]
+    assert load_run(run_dir).metrics["duplicates"]["n_train_duplicates_in_test"] == 1
+    assert 'id="duplicates"' in pages[True] and "spans splits" in pages[True]
+    assert "without train duplicates" in pages[True]
 
 
 def test_pair_shift_correlation_equals_the_paired_one(planted):

@@ -74,6 +74,7 @@ def synthetic_run(root: Path, *, n_train=600, n_test=200, n_classes=4, noise=0.1
     root.mkdir(parents=True)
     save_config(build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
                              train=str(root / "no-images"), out=str(root), heads=["knn", "linear"],
+                             duplicates=False,  # features only: no pixels to compare
                              k=10, top=0, similarity=False, report=False), root / "config.yaml")
     write_examples(root, ex)
     for s in ("train", "test"):

@@ -23,7 +23,7 @@ from .stages.diagnose.stage import DiagnoseConfig
 
 # the options of `hardprobe classify`: the head fields of RunConfig
 HEAD_FIELDS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
-               "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "device")
+               "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "duplicates", "device")
 
 
 @dataclass(frozen=True)

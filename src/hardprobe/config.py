@@ -150,6 +150,11 @@ class RunConfig:
              "column and a label column (names or indices); the originals are kept in "
              "clean_label and label issues are scored against them")
     labels_split: str = option("train", help="split whose labels --labels replaces")
+    duplicates: bool = option(
+        True,
+        help="find near-duplicate images (pixel space) and leave an example's copies out of its"
+             " kNN vote and linear-probe fold; test accuracy is also given without test images"
+             " that have a copy in train")
     # explain / similarity / report (parts of `hardprobe run`; 0 / false skips a stage)
     top: int = option(
         24,

@@ -26,7 +26,7 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
     out = extract(cfg, progress=progress)
     if not distributed.env_context().main:  # under torchrun, rank 0 goes on alone
         return out
-    classify_if_changed(out, cfg)
+    classify_if_changed(out, cfg, progress=progress)
     r = load_run(out)
     base = r.stamps()["classify"]
     device = str(resolve_device(cfg.device))

@@ -48,7 +48,7 @@ def _overview(ctx, dup: pd.DataFrame, m: dict) -> str:
 
 def _accuracy(m: dict) -> str:
     acc = m.get("accuracy") or {}
-    if not acc:
+    if not acc or not m.get("n_train_duplicates_in_test"):  # nothing to take out: same figures
         return ""
     rows = []
     for h, a in acc.items():

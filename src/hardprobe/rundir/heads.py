@@ -6,6 +6,10 @@
       knn.npz       y_fit: the (N_train,) int64 labels it votes with
       linear.json   the LinearProbe's parameters (C, seed, ...), n_classes and the digests
       linear.npz    coef_ (C, D), intercept_ (C,), mean_ (D,), scale_ (D,): its fitted state
+      probs/<split>.<head>.npy  (N_split, C) float32: the probabilities classify scored with,
+                    rows in `Run.split_examples(split)` order (train: kNN leave-one-out,
+                    linear out-of-fold; other splits: the fitted heads; model: softmax of
+                    the logits), so that later stages (diagnose) read them instead of refitting
 
 A kNN's fitted state is its train features and labels: the features are the run's
 `features/train.embedding.npy`, named by their cache key (`train_features`), and loading
@@ -25,11 +29,12 @@ from pathlib import Path
 import numpy as np
 
 from ..core.cache import key_digest
-from ..core.io import atomic_write, read_json, write_json
+from ..core.io import atomic_save_npy, atomic_write, read_json, write_json
 from ..errors import StageOrderError
 from .layout import FIT_SPLIT
 
 HEADS_DIR = "heads"
+PROBS_DIR = "probs"
 STORED = ("knn", "linear")  # the heads with a state; "model" is the backbone's own logits
 _LINEAR_ARRAYS = ("coef_", "intercept_", "mean_", "scale_")
 
@@ -140,3 +145,18 @@ def load_heads(run, *, device: str = "cpu", names=STORED) -> dict:
             probe.n_features_in_ = int(arrays["coef_"].shape[1])
             out[h] = probe
     return out
+
+
+def probs_path(run_path, split: str, head: str) -> Path:
+    return Path(run_path) / HEADS_DIR / PROBS_DIR / f"{split}.{head}.npy"
+
+
+def save_probs(run_path, probs: dict) -> None:
+    """Write probs = {head: {split: (N_split, C)}} as heads/probs/<split>.<head>.npy; the
+    files of an earlier classify are removed first, so only this one's remain."""
+    d = Path(run_path) / HEADS_DIR / PROBS_DIR
+    for old in d.glob("*.npy") if d.exists() else ():
+        old.unlink()
+    for head, per_split in probs.items():
+        for split, p in per_split.items():
+            atomic_save_npy(probs_path(run_path, split, head), np.asarray(p, np.float32))

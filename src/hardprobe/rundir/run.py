@@ -79,6 +79,14 @@ class Run:
         p = feature_path(self.path, split, "logits")
         return np.load(p) if p.exists() else None
 
+    def head_probs(self, split: str, head: str) -> np.ndarray | None:
+        """(N_split, C) float32 probabilities classify scored `head` with on `split` (rows in
+        split_examples order; out-of-sample on train for knn and linear), or None when the
+        run has none stored (a run classified before they were stored: re-classify)."""
+        from .heads import probs_path
+        p = probs_path(self.path, split, head)
+        return np.load(p) if p.exists() else None
+
     def split_examples(self, split: str) -> pd.DataFrame:
         return self.examples[self.examples["split"] == split].reset_index(drop=True)
 

@@ -17,16 +17,17 @@ from ..core.stats import softmax
 from ..data.datasets import EXAMPLE_COLUMNS
 from ..errors import ConfigError
 from ..heads import KNNClassifier, LinearProbe, cross_val_predict_proba
-from ..rundir.heads import heads_current, save_heads
+from ..rundir.heads import heads_current, save_heads, save_probs
 from ..rundir.layout import FIT_SPLIT, STAGES
 from ..rundir.run import Run, load_run
 from ..scoring import scores
+from . import duplicate_groups
 from .extract.stage import check_fit_classes
 from .extract.trained_on import UPPER_BOUND, run_flag
 
 HEAD_KEYS = ("heads", "k", "temperature", "knn_weights", "knn_backend", "knn_index", "knn_nlist",
              "knn_nprobe", "linear_c", "folds", "issue_head", "seed", "label_noise",
-             "labels", "labels_split")
+             "labels", "labels_split", "duplicates")
 
 
 def _classify_key(run: Run, cfg: RunConfig) -> str:
@@ -39,7 +40,7 @@ def _classify_key(run: Run, cfg: RunConfig) -> str:
 
 
 
-def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
+def classify(run_dir: str | Path, cfg: RunConfig | None = None, *, progress: bool = True) -> dict:
     """Fit the heads on the train split and score every example; updates the run dir."""
     t0 = time.perf_counter()
     run = load_run(run_dir)
@@ -51,7 +52,7 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
     check_fit_classes(run.split_examples(FIT_SPLIT)["label"], run.class_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples, metrics, fitted = _classify(run, cfg, n_classes)
+        examples, metrics, fitted, probs = _classify(run, cfg, n_classes, progress)
     for w in caught:  # shown to the user and kept in the run, not lost in a log
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     metrics["warnings"] = sorted({str(w.message) for w in caught})
@@ -62,24 +63,28 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None) -> dict:
     save_heads(run.path, fitted, classify_key=key, n_classes=n_classes,  # explain, perturb
                train_features=run.provenance["features"][FIT_SPLIT]["key"],
                train_labels=run.split_examples(FIT_SPLIT)["label"].to_numpy())
+    save_probs(run.path, probs)  # diagnose reads them instead of refitting
     run.stamp("classify", key)
     return metrics
 
 
 
-def classify_if_changed(run_dir: str | Path, cfg: RunConfig) -> bool:
+def classify_if_changed(run_dir: str | Path, cfg: RunConfig, *, progress: bool = True) -> bool:
     """Run classify unless the run already holds its output for these features and heads."""
     run = load_run(run_dir)
     if (run.stamps().get("classify") == _classify_key(run, cfg) and "hardness" in run.examples
             and heads_current(run)):
         return False
-    classify(run.path, cfg)
+    classify(run.path, cfg, progress=progress)
     return True
 
 
-def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, dict, dict]:
+def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
+    """-> (table of classify's columns, metrics, fitted heads, {head: {split: probs}})."""
     fitted: dict = {}  # the fitted heads, stored in RUN_DIR/heads/
-    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes, fitted)
+    dups = duplicate_groups.duplicate_table(run, progress=progress) if cfg.duplicates else None
+    groups = None if dups is None else duplicate_groups.fit_groups(dups, run)
+    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes, fitted, groups)
     frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
                            "class_names": run.class_names}
     issue_head = _issue_head(cfg, probs)
@@ -104,13 +109,17 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int) -> tuple[pd.DataFrame, d
             metrics["knn_search"].update(nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe)
     metrics["notes"] = _notes(probs)
     out = pd.concat(frames, ignore_index=True)
+    if dups is not None:
+        out = out.merge(dups, on="id", how="left", sort=False)
+        metrics["duplicates"] = duplicate_groups.metrics_entry(out, probs)
+        metrics["notes"].append(duplicate_groups.NOTE)
     if "planted_noise" in run.examples:
         fit = out[out["split"] == FIT_SPLIT]
         planted = run.examples.set_index("id").loc[fit["id"], "planted_noise"].to_numpy(bool)
         metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
                                                     -fit["label_quality"].to_numpy(float))
     _mark_upper_bounds(metrics, run_flag(run.provenance))
-    return out, metrics, fitted
+    return out, metrics, fitted, probs
 
 
 def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
@@ -128,9 +137,11 @@ def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
     metrics["notes"].append(f"{FIT_SPLIT} figures: {UPPER_BOUND} ({flag['reason']})")
 
 
-def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict):
+def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, groups=None):
     """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels});
-    fills fitted = {"knn": KNNClassifier, "linear": LinearProbe} (the heads it fitted)."""
+    fills fitted = {"knn": KNNClassifier, "linear": LinearProbe} (the heads it fitted).
+    groups: (N_train,) duplicate groups (-1 = none) or None: a train example's group is left
+    out of its kNN vote and kept inside its linear-probe fold."""
     fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
     others = [s for s in run.splits if s != FIT_SPLIT]
     probs, neighbor_labels = {}, {}
@@ -150,7 +161,8 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict):
         probs["knn"] = {}
         for s in run.splits:  # train: leave-one-out; other splits: against all of train
             x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
-            p, _, idx = knn.predict_proba_and_neighbors(x, exclude_self=x is None)
+            p, _, idx = knn.predict_proba_and_neighbors(
+                x, exclude_self=x is None, exclude_groups=groups if x is None else None)
             probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
         # its parameters are what heads/ stores (the state is the train features + labels):
         # a shell of the same parameters, so the normalised copy is freed before the probe fits
@@ -159,7 +171,8 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict):
     if "linear" in cfg.heads:
         probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
         probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(
-            probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes)}
+            probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes,
+            groups=groups)}
         probe.fit(fit_x, fit_y, n_classes=n_classes)
         fitted["linear"] = probe
         for s in others:
