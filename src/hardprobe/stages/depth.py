@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -55,6 +55,8 @@ from ..heads.knn import KNNClassifier
 from ..rundir.layout import primary_head, require
 from ..rundir.run import load_run
 from .extract.features import feature_key
+
+log = logging.getLogger(__name__)
 
 BALDOCK_K = 30  # neighbours of the layer probes in Baldock et al. 2021
 DEPTH_VERSION = 1  # bump when a change here changes the cached arrays for the same inputs
@@ -253,7 +255,7 @@ def depth_run(run_dir, *, subset: int | None = None, k: int = BALDOCK_K, device=
         raise ConfigError(f"{run.path} has no {TRAIN!r} split to fit the probes on")
     if subset is not None and subset < 2:
         raise ConfigError(f"subset must be at least 2 examples per split, got {subset}")
-    say = (lambda m: print(f"[depth] {m}", file=sys.stderr)) if progress else (lambda m: None)
+    say = log.info if progress else (lambda m: None)
     cfg = run.config
     k = cfg.k if k is None else int(k)
     backbone, dataset = run.backbone(), run.dataset()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import shutil
-import sys
+import logging
 import time
 from pathlib import Path
 
@@ -54,6 +54,8 @@ from ...heads.training import OPTIMIZERS, Trainer, predict_logits
 from ...rundir.run import load_run
 from ...scoring import dynamics, scores
 from .images import FineTuneNet, ImageSource, set_trainable, train_mode
+
+log = logging.getLogger(__name__)
 
 MODES = ("head", "mlp", "last", "all")
 HEAD_INITS = ("auto", "new", "model")
@@ -103,7 +105,7 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
     if int(keep_checkpoints) < 1:
         raise ConfigError(f"keep_checkpoints must be >= 1 (the last one is what resume reads), "
                          f"got {keep_checkpoints}")
-    say = (lambda m: print(f"[finetune] {m}", file=sys.stderr)) if progress else (lambda m: None)
+    say = log.info if progress else (lambda m: None)
     n_classes = len(run.class_names)
     sub = stratified_subset(table["label"], subset, seed=seed)
     train = table.iloc[sub].reset_index(drop=True)
@@ -128,7 +130,7 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
                 "train_ids": key_digest({"ids": train["id"].tolist(),
                                          "labels": train["label"].tolist()})}
     ctx = dict(data=data, opts=opts, base_key=base_key, n_classes=n_classes, dev=dev, out=out,
-               resume=resume, keep=keep_checkpoints, progress=progress, say=say,
+               resume=resume, keep=keep_checkpoints, progress=progress,
                use_model_head=use_model_head,
                test_labels=None if test is None else test["label"].to_numpy())
     jobs, records, p_test, in_sample = {}, [], [], opts["folds"] == 0
@@ -310,7 +312,8 @@ def _job(ctx, name, index, pos, labels, n_extra, *, predict_train=None, predict_
         seed=o["seed"], job=index, checkpoint_dir=ctx["out"] / "checkpoints" / name,
         key=key_digest({**ctx["base_key"], "job": name, "n_extra": n_extra}), keep=ctx["keep"],
         train_mode=mode_fn, progress=ctx["progress"], desc=name)
-    ctx["say"](f"{name}: {len(pos)} examples, {o['epochs']} epochs ({o['mode']})")
+    if ctx["progress"]:
+        log.info(f"{name}: {len(pos)} examples, {o['epochs']} epochs ({o['mode']})")
     t0 = time.perf_counter()
     trainer.fit(data.batches(TRAIN, pos, o["batch_size"], augmented=o["augment"]),
                 resume=ctx["resume"])

@@ -54,7 +54,7 @@ and flip searches: probes.py.
 """
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -90,6 +90,8 @@ from .probes import (
     occlusion_sensitivity,
 )
 from .run_heads import TRAIN, RunHeads
+
+log = logging.getLogger(__name__)
 
 OUT_DIR = "perturb"
 PERTURB_VERSION = 1
@@ -137,9 +139,7 @@ def perturb_run(run_dir, *, subset: int | None = 2000, corruptions=None, severit
         raise PerturbError(f"{run.path} needs a train and a test split (it has {run.splits})")
     require(run.examples.columns, "perturb")
 
-    def say(msg):
-        if progress:
-            print(f"[perturb] {msg}", file=sys.stderr)
+    say = log.info if progress else (lambda msg: None)
 
     dev = resolve_device(device)
     precision = resolve_precision(cfg.precision, dev)
