@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ...core.device import resolve_device
 from ...core.io import atomic_write, write_json
 from ...errors import CamError, ConfigError
-from ...rundir.layout import require
+from ...rundir.layout import primary_head, require
 from ...rundir.run import load_run
 from .cams import (
     CAM_METHODS,
@@ -133,11 +133,9 @@ def model_input_view(preprocess, img: torch.Tensor) -> np.ndarray:
 
 
 def pred_column(examples: pd.DataFrame) -> str:
-    """The run's primary head: the model's own classifier, else the linear probe, else k-NN."""
-    for col in ("pred_model", "pred_linear", "pred_knn"):
-        if col in examples.columns:
-            return col
-    raise CamError("the run has no predictions; run `hardprobe classify` first")
+    """The prediction column of the run's primary head (rundir.layout.primary_head's order:
+    the model's own classifier, else the linear probe, else k-NN)."""
+    return f"pred_{primary_head(examples.columns)}"
 
 
 def _select(examples: pd.DataFrame, ids, top: int, split: str) -> pd.DataFrame:
