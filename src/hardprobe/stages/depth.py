@@ -239,6 +239,54 @@ def _forward_rows(backbone, split, split_rows, layers, captured, dev, batch_size
 
 
 # ------------------------------------------------------------------ stage
+def _split_features(run, backbone, dataset, splits, layers, *, subset, say, token_pool, device,
+                    batch_size, num_workers, progress):
+    """Pooled layer features of each split's (stratified subset of) examples.
+    Returns feats {split: [L arrays of (N, D_l)]}, tables {split: the N decoded examples' rows},
+    notes (undecodable images left out)."""
+    cfg = run.config
+    feats, tables, notes = {}, {}, []
+    for s in splits:
+        t = run.split_examples(s)
+        t = t.iloc[stratified_subset(t["label"], subset, seed=cfg.seed)]
+        rows = pd.Index(dataset.splits[s].examples["id"]).get_indexer(t["id"])
+        if (rows < 0).any():
+            raise ConfigError(f"{int((rows < 0).sum())} {s} examples of the run are not in its "
+                             "dataset any more; rerun `hardprobe run`")
+        say(f"{len(layers)} layers of {backbone.name} on {len(t)} {s} examples")
+        f, ok, _ = extract_layer_features(
+            backbone, dataset.splits[s], rows, layers=layers, token_pool=token_pool,
+            cache_dir=cfg.cache_dir, device=device, batch_size=batch_size,
+            num_workers=num_workers, shard_size=cfg.shard_size, progress=progress)
+        if not ok.all():
+            notes.append(f"{int((~ok).sum())} {s} images could not be decoded: left out")
+        feats[s] = [f[name][ok] for name in layers]
+        tables[s] = t[ok].reset_index(drop=True)
+    return feats, tables, notes
+
+
+def _split_depth(s, t, preds, head):
+    """One split's depth table and summary from its (L, N) layer-probe predictions `preds`
+    against the primary head's final prediction. Depth: higher = settles later (harder);
+    L = never settles."""
+    L = len(preds)
+    final, labels = t[f"pred_{head}"].to_numpy(), t["label"].to_numpy()
+    depth = prediction_depth(preds, final)  # (N,)
+    cols = {"id": t["id"], "split": s, "label": labels, "final_pred": final,
+            "prediction_depth": depth}
+    cols.update({f"knn_pred_{i}": preds[i] for i in range(L)})
+    cols.update({f"agree_{i}": preds[i] == final for i in range(L)})
+    summary = {
+        "n": len(t), "final_accuracy": float(np.mean(final == labels)) if len(t) else None,
+        "knn_accuracy": (preds == labels).mean(axis=1).tolist() if len(t) else [],
+        "agreement_with_final": (preds == final).mean(axis=1).tolist() if len(t) else [],
+        "mean_depth": float(depth.mean()) if len(t) else None,
+        "depth_counts": np.bincount(depth, minlength=L + 1).tolist(),
+        "never_settled": int((depth == L).sum()),
+        "spearman_hardness": spearman(depth, t["hardness"])}
+    return pd.DataFrame(cols), summary
+
+
 def depth_run(run_dir, *, subset: int | None = None, k: int = BALDOCK_K, device="auto",
               batch_size: int = 128, progress: bool = True, layers=None,
               token_pool: str = "mean", num_workers: int | None = None) -> Path:
@@ -263,23 +311,9 @@ def depth_run(run_dir, *, subset: int | None = None, k: int = BALDOCK_K, device=
     workers = (cfg.num_workers if cfg.num_workers is not None else default_num_workers()
                ) if num_workers is None else num_workers
     splits = [TRAIN] + [s for s in run.splits if s != TRAIN]
-    feats, tables, notes = {}, {}, []
-    for s in splits:
-        t = run.split_examples(s)
-        t = t.iloc[stratified_subset(t["label"], subset, seed=cfg.seed)]
-        rows = pd.Index(dataset.splits[s].examples["id"]).get_indexer(t["id"])
-        if (rows < 0).any():
-            raise ConfigError(f"{int((rows < 0).sum())} {s} examples of the run are not in its "
-                             "dataset any more; rerun `hardprobe run`")
-        say(f"{len(layers)} layers of {backbone.name} on {len(t)} {s} examples")
-        f, ok, _ = extract_layer_features(
-            backbone, dataset.splits[s], rows, layers=layers, token_pool=token_pool,
-            cache_dir=cfg.cache_dir, device=device, batch_size=batch_size, num_workers=workers,
-            shard_size=cfg.shard_size, progress=progress)
-        if not ok.all():
-            notes.append(f"{int((~ok).sum())} {s} images could not be decoded: left out")
-        feats[s] = [f[name][ok] for name in layers]
-        tables[s] = t[ok].reset_index(drop=True)
+    feats, tables, notes = _split_features(
+        run, backbone, dataset, splits, layers, subset=subset, say=say, token_pool=token_pool,
+        device=device, batch_size=batch_size, num_workers=workers, progress=progress)
     y_train = tables[TRAIN]["label"].to_numpy()
     k_used = min(k, len(y_train) - 1)
     if k_used < 1:
@@ -294,21 +328,8 @@ def depth_run(run_dir, *, subset: int | None = None, k: int = BALDOCK_K, device=
         say(f"kNN probes on {s}")
         preds = layer_knn_predictions(feats[TRAIN], y_train, None if s == TRAIN else feats[s],
                                       **knn_kw)  # (L, N)
-        final, labels = t[f"pred_{head}"].to_numpy(), t["label"].to_numpy()
-        depth = prediction_depth(preds, final)
-        cols = {"id": t["id"], "split": s, "label": labels, "final_pred": final,
-                "prediction_depth": depth}
-        cols.update({f"knn_pred_{i}": preds[i] for i in range(L)})
-        cols.update({f"agree_{i}": preds[i] == final for i in range(L)})
-        frames.append(pd.DataFrame(cols))
-        per_split[s] = {
-            "n": len(t), "final_accuracy": float(np.mean(final == labels)) if len(t) else None,
-            "knn_accuracy": (preds == labels).mean(axis=1).tolist() if len(t) else [],
-            "agreement_with_final": (preds == final).mean(axis=1).tolist() if len(t) else [],
-            "mean_depth": float(depth.mean()) if len(t) else None,
-            "depth_counts": np.bincount(depth, minlength=L + 1).tolist(),
-            "never_settled": int((depth == L).sum()),
-            "spearman_hardness": spearman(depth, t["hardness"])}
+        frame, per_split[s] = _split_depth(s, t, preds, head)
+        frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     out = run.path / OUT_DIR
     write_json(out / "layers.json", {"layers": layers, "n_layers": L, "token_pool": token_pool,
