@@ -67,6 +67,64 @@ FT_PREFIX = "ft_"
 __all__ = ["finetune_run", "MODES"]
 
 
+def _data_source(run, sub, train, test, opts, *, num_workers, dev, progress):
+    """Cached features (modes head, mlp) or decoded images (last, all) of the chosen examples."""
+    cfg = run.config
+    workers = ((cfg.num_workers if cfg.num_workers is not None else default_num_workers())
+               if num_workers is None else int(num_workers))
+    return (_FeatureData(run, sub, dev) if opts["mode"] in ("head", "mlp") else
+            _ImageData(run, train, test, batch_size=opts["batch_size"], workers=workers,
+                       device=dev, progress=progress))
+
+
+def _clear_outputs(out: Path, resume: bool) -> Path:
+    """Delete what an earlier run wrote at the end (and, unless resuming, its checkpoints)."""
+    for name in ("summary.json", "per_example.parquet", "dynamics.npz"):  # written at the end
+        (out / name).unlink(missing_ok=True)
+    if not resume:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return out
+
+
+def _base_key(run, opts, train) -> dict:
+    """What every job's cache key shares: the options, the features' keys, the train examples."""
+    return {"opts": opts, "features": {s: f["key"] for s, f in
+                                       run.provenance["features"].items()},
+            "train_ids": key_digest({"ids": train["id"].tolist(),
+                                     "labels": train["label"].tolist()})}
+
+
+def _train_jobs(ctx, is_thr, y, home, in_sample, *, has_test, seed):
+    """The AUM runs (one per row of is_thr (R, N)), then, with folds, the cross-fitted fold
+    jobs. Returns jobs {name: info}, records (one per AUM run), p_train (N, C) probabilities
+    (NaN where no job predicted the example), p_test (list of (M, C) arrays to average)."""
+    opts, n_classes = ctx["opts"], ctx["n_classes"]
+    jobs, records, p_test = {}, [], []
+    p_train = np.full((len(y), n_classes), np.nan)
+    for r, thr in enumerate(is_thr):
+        labels = np.where(thr, n_classes, y)
+        own = np.flatnonzero(home == r) if in_sample else np.zeros(0, np.int64)
+        res = _job(ctx, f"run{r}", r, np.arange(len(y)), labels, int(bool(opts["aum_runs"])),
+                   predict_train=own if len(own) else None,
+                   predict_test=in_sample and r == 0 and has_test)
+        jobs[f"run{r}"] = res["info"]
+        records.append(res["record"])
+        if len(own):
+            p_train[own] = res["train"]
+        if "test" in res:
+            p_test = [res["test"]]
+    if not in_sample:
+        from sklearn.model_selection import StratifiedKFold
+        folds_ = StratifiedKFold(n_splits=opts["folds"], shuffle=True, random_state=seed)
+        for f, (tr, held) in enumerate(folds_.split(np.zeros(len(y)), y)):
+            res = _job(ctx, f"fold{f}", len(is_thr) + f, tr, y[tr], 0, predict_train=held,
+                       predict_test=has_test)
+            jobs[f"fold{f}"] = res["info"]
+            p_train[held] = res["train"]
+            p_test.append(res["test"])
+    return jobs, records, p_train, p_test
+
+
 def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: int = 128,
                  lr: float | None = None, optimizer: str = "sgd", weight_decay: float = 5e-4,
                  momentum: float = 0.9, warmup_epochs: float = 1.0, label_smoothing: float = 0.0,
@@ -115,51 +173,21 @@ def finetune_run(run_dir, *, mode: str = "all", epochs: int = 10, batch_size: in
     use_model_head = _use_model_head(run, head_init, mode)
     is_thr = dynamics.threshold_samples(len(train), n_classes, runs=opts["aum_runs"], seed=seed)
     is_thr = is_thr if len(is_thr) else np.zeros((1, len(train)), bool)
-    out = run.path / OUT_DIR
-    for name in ("summary.json", "per_example.parquet", "dynamics.npz"):  # written at the end
-        (out / name).unlink(missing_ok=True)
-    if not resume:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    workers = ((cfg.num_workers if cfg.num_workers is not None else default_num_workers())
-               if num_workers is None else int(num_workers))
-    data = (_FeatureData(run, sub, dev) if mode in ("head", "mlp") else
-            _ImageData(run, train, test, batch_size=opts["batch_size"], workers=workers,
-                       device=dev, progress=progress))
-    base_key = {"opts": opts, "features": {s: f["key"] for s, f in
-                                           run.provenance["features"].items()},
-                "train_ids": key_digest({"ids": train["id"].tolist(),
-                                         "labels": train["label"].tolist()})}
+    out = _clear_outputs(run.path / OUT_DIR, resume)
+    data = _data_source(run, sub, train, test, opts, num_workers=num_workers, dev=dev,
+                        progress=progress)
+    base_key = _base_key(run, opts, train)
     ctx = dict(data=data, opts=opts, base_key=base_key, n_classes=n_classes, dev=dev, out=out,
                resume=resume, keep=keep_checkpoints, progress=progress,
                use_model_head=use_model_head,
                test_labels=None if test is None else test["label"].to_numpy())
-    jobs, records, p_test, in_sample = {}, [], [], opts["folds"] == 0
-    p_train = np.full((len(train), n_classes), np.nan)
+    in_sample = opts["folds"] == 0
     # in-sample train predictions of an example come from its home run (the first run that
     # trained it under its given label), never from a run that trained it as a fake-class
     # threshold sample; with aum_runs=1 those have no home and stay NaN (summary note)
     home = _home_runs(is_thr)
-    for r, thr in enumerate(is_thr):
-        labels = np.where(thr, n_classes, y)
-        own = np.flatnonzero(home == r) if in_sample else np.zeros(0, np.int64)
-        res = _job(ctx, f"run{r}", r, np.arange(len(train)), labels, int(bool(opts["aum_runs"])),
-                   predict_train=own if len(own) else None,
-                   predict_test=in_sample and r == 0 and test is not None)
-        jobs[f"run{r}"] = res["info"]
-        records.append(res["record"])
-        if len(own):
-            p_train[own] = res["train"]
-        if "test" in res:
-            p_test = [res["test"]]
-    if not in_sample:
-        from sklearn.model_selection import StratifiedKFold
-        folds_ = StratifiedKFold(n_splits=opts["folds"], shuffle=True, random_state=seed)
-        for f, (tr, held) in enumerate(folds_.split(np.zeros(len(y)), y)):
-            res = _job(ctx, f"fold{f}", len(is_thr) + f, tr, y[tr], 0, predict_train=held,
-                       predict_test=test is not None)
-            jobs[f"fold{f}"] = res["info"]
-            p_train[held] = res["train"]
-            p_test.append(res["test"])
+    jobs, records, p_train, p_test = _train_jobs(ctx, is_thr, y, home, in_sample,
+                                                 has_test=test is not None, seed=seed)
     say("per-example statistics")
     stats, verdict = _dynamics_table(records, is_thr, train)
     tables = [_prediction_columns(train, p_train, in_sample).join(stats)]
