@@ -240,3 +240,50 @@ def test_fragile_from_perturb_columns(diagnosed, tmp_path):
     assert "flips at severity 1 under noise" in _test_rows(run_dir).set_index("id").loc[
         sorted(fragile_ids)[0], "evidence"]
     assert (got.drop(sorted(fragile_ids)) != "fragile").all()
+
+
+def test_stored_probabilities_spare_the_linear_refit(base, tmp_path, monkeypatch):
+    refit = Path(shutil.copytree(base, tmp_path / "refit"))
+    shutil.rmtree(refit / "heads" / "probs")  # a run classified before probs were stored
+    diagnose_run(refit, images=False, progress=False)
+    stored = Path(shutil.copytree(base, tmp_path / "stored"))
+    assert (stored / "heads" / "probs" / "train.linear.npy").exists()
+    from hardprobe.heads import LinearProbe
+
+    def no_refit(*a, **k):
+        raise AssertionError("diagnose refitted the linear probe")
+    monkeypatch.setattr(LinearProbe, "fit", no_refit)
+    diagnose_run(stored, images=False, progress=False)
+    a, b = (hardprobe.load_run(r).examples.set_index("id") for r in (refit, stored))
+    assert (a.loc[b.index, "failure_mode"] == b["failure_mode"]).all()
+    s = hardprobe.load_run(stored).metrics["diagnose"]["label_errors"]
+    assert s == hardprobe.load_run(refit).metrics["diagnose"]["label_errors"]
+
+
+def test_stored_probabilities_of_another_shape_are_not_used(base, tmp_path):
+    from hardprobe.stages.diagnose.evidence import HeadProbs
+    run_dir = Path(shutil.copytree(base, tmp_path / "run"))
+    good = np.load(run_dir / "heads" / "probs" / "test.linear.npy")
+    np.save(run_dir / "heads" / "probs" / "test.linear.npy", good[:5])
+    with pytest.warns(UserWarning, match="shape"):
+        got = HeadProbs(hardprobe.load_run(run_dir), 3).get("linear", "test")
+    np.testing.assert_allclose(got, good, atol=1e-5)  # refitted, as classify fitted it
+
+
+def test_knn_neighbours_leave_out_duplicate_groups(base, tmp_path):
+    from hardprobe.stages.diagnose.evidence import HeadProbs
+    run_dir = Path(shutil.copytree(base, tmp_path / "run"))
+    run = hardprobe.load_run(run_dir)
+    nearest = HeadProbs(run, 3).knn("train")[2][:, 0]  # plain leave-one-out
+    tr = run.split_examples("train")
+    groups = np.full(len(tr), -1)
+    for g, i in enumerate(range(0, 40, 4)):  # 10 pairs: a row and its nearest neighbour
+        if groups[i] < 0 and groups[nearest[i]] < 0:
+            groups[[i, nearest[i]]] = g
+    run.join("classify", pd.DataFrame({"id": tr["id"], "duplicate_group": groups}))
+    idx = HeadProbs(hardprobe.load_run(run_dir), 3).knn("train")[2]
+    paired = np.flatnonzero(groups >= 0)
+    assert len(paired) >= 10
+    for i in paired:
+        mates = set(np.flatnonzero(groups == groups[i])) - {i}
+        assert not mates & set(idx[i]), f"row {i} still votes with its duplicate"

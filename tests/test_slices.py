@@ -1,5 +1,6 @@
 """Slices: a planted sub-population that the model fails on is found, held out, and described."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -121,3 +122,105 @@ def test_write_slices_keeps_the_keys_the_report_reads(tmp_path):
 
 def _jaccard(a, b) -> float:
     return float((a & b).sum() / max((a | b).sum(), 1))
+
+
+# ---- through the diagnose stage: a run whose test split holds a planted failing slice
+RUN_TRAIN, RUN_TEST, N_SUB = 40, 150, 30  # per class; N_SUB of class cat's test images
+
+
+def _plant(run_dir):
+    """Features of 3 Gaussian classes (cat's first N_SUB test images shifted together), and
+    logits of a model that errs with probability 0.7 (to dog) on them, 0.05 elsewhere.
+    -> (planted (N_test,) bool, p_err (N_test,)) in the test split's row order."""
+    import hardprobe
+    from hardprobe.rundir.run import save_array
+    run = hardprobe.load_run(run_dir)
+    rng = np.random.default_rng(0)
+    centers, shift = rng.normal(0, 4, size=(N_CLASSES, DIM)), rng.normal(0, 3, size=DIM)
+    out = None
+    for split in run.splits:
+        ex = run.split_examples(split)
+        y = ex["label"].to_numpy()
+        idx = ex["path"].str.extract(r"img_(\d+)")[0].astype(int).to_numpy()
+        sub = (split == "test") & (y == 0) & (idx < N_SUB)
+        X = centers[y] + rng.normal(size=(len(y), DIM)) + np.where(sub[:, None], shift, 0)
+        p_err = np.where(sub, 0.7, 0.05)
+        wrong = rng.random(len(y)) < p_err
+        pred = np.where(wrong, np.where(sub, 1, (y + 1 + rng.integers(0, 2, len(y))) % 3), y)
+        save_array(run_dir, split, "embedding", X.astype(np.float32))
+        save_array(run_dir, split, "logits", (6 * np.eye(N_CLASSES)[pred]).astype(np.float32))
+        if split == "test":
+            out = sub, p_err
+    return out
+
+
+@pytest.fixture(scope="module")
+def planted_run(tmp_path_factory):
+    import warnings
+
+    from conftest import make_folder
+    from hardprobe import pipeline
+    from hardprobe.config import build_config
+    from hardprobe.stages.classify import classify
+    from hardprobe.stages.diagnose import diagnose_run
+    root = tmp_path_factory.mktemp("sliced")
+    train = make_folder(root / "train", RUN_TRAIN, 0)
+    test = make_folder(root / "test", RUN_TEST, 1)
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                       train=str(train), test=str(test), out=str(root / "run"),
+                       cache_dir=str(root / "cache"), k=10, num_workers=0, folds=3,
+                       similarity=False, top=0, report=False)
+    run_dir = pipeline.extract(cfg, progress=False)
+    sub, p_err = _plant(run_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classify(run_dir, cfg)
+    summary = diagnose_run(run_dir, progress=False)
+    return run_dir, sub, p_err, summary
+
+
+def test_diagnose_recovers_the_planted_slice(planted_run):
+    import hardprobe
+    run_dir, sub, p_err, summary = planted_run
+    ex = hardprobe.load_run(run_dir).split_examples("test")
+    sid = ex["slice_id"].to_numpy(np.int64)
+    rows = json.loads((run_dir / "slices" / "slices.json").read_text())
+    assert rows and summary["slices"]["n"] == len(rows)
+    best = max(rows, key=lambda s: _jaccard(sid == s["slice_id"], sub))
+    jac = _jaccard(sid == best["slice_id"], sub)
+    assert jac >= 0.5, f"overlap with the planted set: Jaccard {jac:.2f}"
+    assert best["pair"]["given"] == "cat" and best["pair"]["predicted"] == "dog"
+    held = pd.read_parquet(run_dir / "slices" / "assignments.parquet")["held_out"].to_numpy()
+    members = (sid == best["slice_id"]) & held
+    assert best["n"] == members.sum()
+    assert best["ci_low"] <= p_err[members].mean() <= best["ci_high"]
+    assert best["ci_low"] > best["class_error_rate"]
+    s = next(s for s in summary["slices"]["slices"] if s["slice_id"] == best["slice_id"])
+    assert s["error_rate"] == best["error_rate"] and s["description"] == best["description"]
+    train = hardprobe.load_run(run_dir).split_examples("train")
+    assert train["slice_id"].isna().all()  # slices are the test split's
+
+
+def test_report_shows_the_slices_diagnose_wrote(planted_run, tmp_path):
+    from hardprobe.report import write_report
+    run_dir = planted_run[0]
+    html = write_report(run_dir, top=4, out=tmp_path / "r.html").read_text()
+    assert "Slices: where the model fails" in html and "cat -&gt; dog" in html
+
+
+def test_rediagnose_keeps_the_stamp_and_no_slices_writes_none(planted_run, tmp_path):
+    import shutil
+
+    import hardprobe
+    from hardprobe.stages.diagnose import diagnose_run
+    run_dir = Path(shutil.copytree(planted_run[0], tmp_path / "run"))
+    before = hardprobe.load_run(run_dir).stamps()["diagnose"]
+    diagnose_run(run_dir, progress=False, images=False)
+    diagnose_run(run_dir, progress=False, images=False)  # the table holds slice_id now
+    again = hardprobe.load_run(run_dir).stamps()["diagnose"]
+    diagnose_run(run_dir, progress=False, images=False)
+    assert hardprobe.load_run(run_dir).stamps()["diagnose"] == again != before
+    summary = diagnose_run(run_dir, progress=False, images=False, slices=False)
+    assert not (run_dir / "slices").exists()
+    assert "slice_id" not in hardprobe.load_run(run_dir).examples
+    assert summary["slices"]["computed"] is False

@@ -28,11 +28,14 @@ def unit(X) -> torch.Tensor:
 
 
 class HeadProbs:
-    """Full (N, C) probabilities per head and split, computed once on demand. knn: leave-one-out
-    on train; linear: out-of-fold on train (the run's folds and seed), fitted on train for the
-    other splits; model: softmax of the stored logits (in-sample on train when the model was
-    trained on these images). FEATURES/<split>.probs_<head>.npy, when a run holds it, is
-    read instead of refitting (the linear refit is most of this stage's time)."""
+    """Full (N, C) probabilities per head and split, computed once on demand. Read first from
+    what classify scored with (`Run.head_probs`: heads/probs/<split>.<head>.npy), then from an
+    older run's features/<split>.probs_<head>.npy, each used only when its shape is
+    (N_split, C); else recomputed as classify does: knn leave-one-out on train (near-duplicate
+    groups left out, as classify leaves them), linear out-of-fold on train (the run's folds
+    and seed) and fitted on train for the other splits, model the softmax of the stored
+    logits (in-sample on train when the model was trained on these images). The linear refit
+    is most of this stage's time on a run without stored probabilities."""
 
     def __init__(self, run, n_classes: int):
         self.run, self.c, self.cfg = run, n_classes, run.config
@@ -42,7 +45,9 @@ class HeadProbs:
         self._knn = None
 
     def knn(self, split: str):
-        """-> (probs (N, C), sims (N, k), train rows idx (N, k))."""
+        """-> (probs (N, C), sims (N, k), train rows idx (N, k)). The neighbours need a refit
+        (the index is not stored); on train it leaves out the train rows' duplicate groups
+        (`exclude_groups`), so the neighbours are those classify voted with."""
         if ("knn", split) not in self._cache:
             if self._knn is None:
                 k = min(self.cfg.k, len(self.y_fit) - 1)
@@ -51,31 +56,65 @@ class HeadProbs:
                     self.run.features(FIT_SPLIT), self.y_fit, n_classes=self.c)
             x = None if split == FIT_SPLIT else self.run.features(split)
             self._cache["knn", split] = self._knn.predict_proba_and_neighbors(
-                x, exclude_self=x is None)
+                x, exclude_self=x is None,
+                exclude_groups=fit_duplicate_groups(self.run) if x is None else None)
         return self._cache["knn", split]
 
     def get(self, head: str, split: str) -> np.ndarray:
-        if head == "knn":
-            return self.knn(split)[0]
-        if (head, split) not in self._cache:
-            stored = self.run.path / "features" / f"{split}.probs_{head}.npy"
-            if stored.exists():  # a classify that keeps its probabilities saves the refit
-                self._cache[head, split] = np.load(stored)
+        """(N_split, C) probabilities of `head` on `split` (higher = more likely that class)."""
+        if ("probs", head, split) not in self._cache:
+            stored = self._stored(head, split)
+            if stored is not None:
+                self._cache["probs", head, split] = stored
+            elif head == "knn":
+                self._cache["probs", head, split] = self.knn(split)[0]
             elif head == "model":
-                self._cache[head, split] = softmax(self.run.logits(split))
+                self._cache["probs", head, split] = softmax(self.run.logits(split))
             else:
                 self._linear()
-        return self._cache[head, split]
+        return self._cache["probs", head, split]
+
+    def _stored(self, head: str, split: str) -> np.ndarray | None:
+        """classify's stored probabilities, else an older run's features/ copy, or None;
+        a file of the wrong shape is skipped with a warning (it belongs to other rows)."""
+        want = (int((self.run.examples["split"] == split).sum()), self.c)
+        old = self.run.path / "features" / f"{split}.probs_{head}.npy"
+        for name, load in ((f"heads/probs/{split}.{head}.npy",
+                            lambda: self.run.head_probs(split, head)),
+                           (f"features/{old.name}", lambda: np.load(old) if old.exists()
+                            else None)):
+            arr = load()
+            if arr is None:
+                continue
+            if arr.shape == want:
+                return np.asarray(arr, np.float64)
+            warnings.warn(f"diagnose: {name} has shape {arr.shape}, not {want}; "
+                          "recomputing the probabilities (re-classify to store them again)")
+        return None
 
     def _linear(self):
         probe = LinearProbe(C=self.cfg.linear_c, seed=self.cfg.seed)
         X = self.run.features(FIT_SPLIT)
-        self._cache["linear", FIT_SPLIT] = cross_val_predict_proba(
-            probe, X, self.y_fit, n_folds=self.cfg.folds, seed=self.cfg.seed, n_classes=self.c)
+        self._cache["probs", "linear", FIT_SPLIT] = cross_val_predict_proba(
+            probe, X, self.y_fit, n_folds=self.cfg.folds, seed=self.cfg.seed, n_classes=self.c,
+            groups=fit_duplicate_groups(self.run))
         probe.fit(X, self.y_fit, n_classes=self.c)
         for s in self.run.splits:
             if s != FIT_SPLIT:
-                self._cache["linear", s] = probe.predict_proba(self.run.features(s))
+                self._cache["probs", "linear", s] = probe.predict_proba(self.run.features(s))
+
+
+def fit_duplicate_groups(run) -> np.ndarray | None:
+    """(N_train,) int64 near-duplicate groups of the fit split (-1 = none) in split_examples
+    order, as classify used them, or None when the table has no duplicate_group column or no
+    two train examples share a group (classify then ran its heads without groups: the linear
+    folds differ with groups, so None keeps them classify's)."""
+    tr = run.split_examples(FIT_SPLIT)
+    if "duplicate_group" not in tr:
+        return None
+    g = tr["duplicate_group"].fillna(-1).to_numpy(np.int64)
+    linked = g[g >= 0]
+    return g if len(linked) and (np.bincount(linked) >= 2).any() else None
 
 
 def class_similarity(run, split: str, k: int, classes=None, chunk: int = 4096) -> np.ndarray:

@@ -265,19 +265,22 @@ SLICE_KEYS = ("slice_id", "n", "error_rate", "ci_low", "ci_high", "class_error_r
               "description", "top_ids", "pair", "stats_z", "worst_corruption")
 
 
-def run_inputs(run, split: str = "test", *, with_images: bool = True) -> dict:
+def run_inputs(run, split: str = "test", *, with_images: bool = True, probs=None) -> dict:
     """find_slices' inputs from a run: features, labels, the primary head's probabilities
-    (softmax of the model's logits when the primary head is the model; else a one-hot of the
-    primary head's predictions, which only the error rate and the pair use), ids, class
-    names, image statistics (decoded from the dataset when with_images) and perturb's flips."""
+    (`probs` when given, e.g. those classify stored; else softmax of the model's logits when
+    the primary head is the model; else a one-hot of the primary head's predictions, which
+    only the error rate and the pair use), ids, class names, image statistics (decoded from
+    the dataset when with_images) and perturb's flips."""
     from ...core.stats import softmax
     from ...rundir.layout import primary_head, require
     from ...scoring.image_stats import stats_table
     require(run.examples.columns, "slices")
     ex = run.split_examples(split)
     head = primary_head(ex.columns)
-    logits = run.logits(split) if head == "model" else None
-    if logits is not None:
+    logits = run.logits(split) if head == "model" and probs is None else None
+    if probs is not None:
+        probs = np.asarray(probs, np.float64)
+    elif logits is not None:
         probs = softmax(logits)
     else:
         probs = np.eye(len(run.class_names))[ex[f"pred_{head}"].to_numpy(np.int64)]

@@ -1,7 +1,7 @@
 """The diagnose stage: one primary cause for every example, with the numbers behind it.
 
-`diagnose_run(RUN_DIR)` reads examples.parquet and the cached features (and perturb's,
-finetune's, the human-label and slice columns when present, and the runs given with
+`diagnose_run(RUN_DIR)` reads examples.parquet, the cached features and the probabilities
+classify stored (and perturb's and finetune's columns when present, and the runs given with
 `with_runs`), applies the rules of causes.py and writes
 
     RUN_DIR/diagnose/summary.json   counts per cause / class / split, thresholds, label-error
@@ -10,8 +10,11 @@ finetune's, the human-label and slice columns when present, and the runs given w
     table columns  failure_mode, cause_<cause> (bool), evidence (text), dx_* (the numbers the
                    rules cut: dx_alt_class, dx_votes_for, dx_votes_against, dx_votes_avail,
                    dx_top2_ratio, dx_neighbour_split, dx_density_pct, dx_alt_density_pct), iq_* (image statistics
-                   of scoring.image_quality and iq_flags, the issues that fired), and with
-                   with_runs n_models_wrong, n_models_agree_wrong, hardness_rank_mean.
+                   of scoring.image_quality and iq_flags, the issues that fired), slice_id
+                   (test rows: the slice of slices.py, -1 = none; NA on other splits), and
+                   with with_runs n_models_wrong, n_models_agree_wrong, hardness_rank_mean.
+    RUN_DIR/slices/    slices.json, assignments.parquet, settings.json (slices.write_slices),
+                       unless slices=False (--no-slices); summary["slices"] lists them.
 
 Confident learning's estimate of the number of label errors (cleanlab.count.num_label_issues
 on the issue head's out-of-sample probabilities, off-diagonal of the confident joint and its
@@ -20,6 +23,7 @@ calibrated version) is written next to the count of `label_issue` candidates per
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -34,7 +38,7 @@ from ...core.io import read_json, write_json
 from ...rundir.layout import FIT_SPLIT, primary_head, require
 from ...rundir.run import load_run
 from ...scoring import image_quality
-from . import causes, evidence
+from . import causes, evidence, slices
 from .text import evidence_strings
 
 log = logging.getLogger(__name__)
@@ -55,6 +59,8 @@ class DiagnoseConfig:
     quality_fence: float = option(3.0, help="low_quality: Tukey fence multiple of the train "
                                   "IQR (3 = 'far out')")
     images: bool = option(True, help="read the images for the image-quality statistics")
+    slices: bool = option(True, help="find the slices of the test split where the primary head "
+                          "fails far more than on their class (RUN_DIR/slices/, slice_id)")
     seed: int = option(0, help="seed (recorded; the rules are deterministic)")
     batch_size: int = option(256, help="images per batch when reading images")
     num_workers: int = option(0, help="DataLoader workers reading images")
@@ -79,7 +85,9 @@ def diagnose_run(run_dir, config: DiagnoseConfig | None = None, **options) -> di
     table = pd.concat(parts, ignore_index=True)
     if others:
         table = table.merge(_consensus(run, primary, others), on="id", how="left")
+    table, sliced = _slices(run, cfg, table, probs, primary, quality)
     summary = _summary(run, table, probs, cfg, primary, others, quality)
+    summary["slices"] = sliced
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     (run.path / OUT_DIR).mkdir(exist_ok=True)
     write_json(run.path / OUT_DIR / "summary.json", summary)
@@ -94,12 +102,52 @@ def diagnose_run(run_dir, config: DiagnoseConfig | None = None, **options) -> di
 
 
 def _key(run, cfg: DiagnoseConfig) -> str:
+    """The digest of diagnose's inputs: the stamps of the stages it reads and its options.
+    Its own outputs (slice_id, the human_* columns, slices/) are not inputs: they follow from
+    the options, so a rerun with the same options gets the same stamp whether or not the
+    table already holds them."""
     st = run.stamps()
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "progress"}
     opts["with_runs"] = [str(Path(p).resolve()) for p in cfg.with_runs]
-    extra = sorted(c for c in run.examples.columns if c.startswith(("human_", "slice_id")))
     return key_digest({"classify": st.get("classify"), "perturb": st.get("perturb"),
-                       "finetune": st.get("finetune"), "options": opts, "columns": extra})
+                       "finetune": st.get("finetune"), "options": opts})
+
+
+SLICE_SPLIT = "test"  # slices are fitted and held out within this split
+
+
+def _slices(run, cfg: DiagnoseConfig, table: pd.DataFrame, probs, primary: str, quality):
+    """-> (table with slice_id (Int64; -1 = in no slice, NA outside SLICE_SPLIT), the
+    summary's "slices" entry). Writes RUN_DIR/slices/ (slices.write_slices); with
+    cfg.slices off, or without a test split, a slices/ of an earlier run is removed so the
+    report never shows slices that the table no longer names. The primary head's stored
+    probabilities and the image-quality statistics already measured describe the slices
+    (the images are not decoded a second time)."""
+    folder = run.path / "slices"
+    if not cfg.slices or SLICE_SPLIT not in run.splits:
+        shutil.rmtree(folder, ignore_errors=True)
+        why = "off (--no-slices)" if not cfg.slices else f"the run has no {SLICE_SPLIT} split"
+        return table, {"computed": False, "reason": why}
+    ex = run.split_examples(SLICE_SPLIT)
+    inputs = slices.run_inputs(run, SLICE_SPLIT, with_images=False,
+                               probs=probs.get(primary, SLICE_SPLIT))
+    if quality[0] is not None:
+        st = quality[0].reindex(ex["id"])
+        inputs["image_stats"] = st[[c for c in st.columns if c.startswith("iq_")
+                                    and c != "iq_flags"]].rename(
+            columns=lambda c: c.removeprefix("iq_")).reset_index(drop=True)
+    modes = table.set_index("id").loc[ex["id"], "failure_mode"].to_numpy()
+    res = slices.find_slices(**inputs, seed=cfg.seed, failure_mode=modes)
+    slices.write_slices(run, res, split=SLICE_SPLIT)
+    col = pd.DataFrame({"id": ex["id"].to_numpy(), "slice_id": res.slice_id})
+    table = table.merge(col, on="id", how="left")
+    table["slice_id"] = table["slice_id"].astype("Int64")
+    return table, {"computed": True, "split": SLICE_SPLIT, "n": len(res.slices),
+                   "tested": res.settings.get("tested", 0),
+                   "ci_level": res.settings.get("ci_level"),
+                   "slices": [{k: s[k] for k in ("slice_id", "n", "error_rate", "ci_low",
+                                                  "ci_high", "class_error_rate", "description")}
+                              for s in res.slices]}
 
 
 def _quality(run, cfg: DiagnoseConfig):
