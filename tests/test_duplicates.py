@@ -91,6 +91,14 @@ def test_cross_split_copy_flags_train_duplicate(planted):
     assert out["duplicate_group"][12] == out["duplicate_group"][1] >= 0
 
 
+def test_train_duplicate_needs_a_direct_link_not_a_chain():
+    # test 0 - test 1 - train 2 - train 3: only test 1 is a copy of a train image
+    i, j = np.array([0, 1, 2]), np.array([1, 2, 3])
+    fit = np.array([False, False, True, True, False])
+    assert D.linked_to(5, i, j, fit).tolist() == [False, True, True, True, False]
+    assert (D.groups_from_pairs(5, i, j)[:4] == 0).all()  # yet all four share a group
+
+
 def test_groups_from_pairs_is_transitive_and_numbers_by_first_row():
     grp = D.groups_from_pairs(7, np.array([5, 1, 2]), np.array([6, 3, 5]))
     assert grp.tolist() == [-1, 0, 1, 0, -1, 1, 1]

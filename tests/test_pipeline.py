@@ -1,5 +1,6 @@
 """End to end: images -> features -> heads -> scores in a run directory."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,6 +194,23 @@ def test_run_with_every_stage_then_rerun_skips_them(cfg, monkeypatch):
     assert "finetune" in (out / "report.html").read_text().lower()
 
 
+def test_run_diagnoses_keeps_the_users_diagnose_options_and_can_skip_it(cfg, monkeypatch):
+    from dataclasses import replace
+
+    import hardprobe.stages.diagnose.stage as Dx
+    out = pipeline.run(cfg, progress=False)
+    run = hardprobe.load_run(out)
+    assert "failure_mode" in run.examples and "diagnose" in run.stamps()
+    assert run.metrics["diagnose"]["options"]["slices"] is True
+    Dx.diagnose_run(out, slices=False, progress=False)  # the user's own options
+    monkeypatch.setattr(Dx, "diagnose_run", lambda *a, **k: pytest.fail("diagnose redone"))
+    pipeline.run(cfg, progress=False)  # nothing changed: kept, with the user's options
+    assert hardprobe.load_run(out).metrics["diagnose"]["options"]["slices"] is False
+    bare = pipeline.run(replace(cfg, out=str(Path(cfg.out) / "bare"), diagnose=False),
+                        progress=False)
+    assert "failure_mode" not in hardprobe.load_run(bare).examples
+
+
 def test_reclassify_drops_the_stale_columns_of_later_stages(cfg):
     from dataclasses import replace
     out = pipeline.run(cfg, progress=False)
@@ -299,12 +317,12 @@ def test_every_stage_writes_what_the_stage_table_declares(cfg):
     run = hardprobe.load_run(out)
     owners = {c: layout.owner(c) for c in run.examples.columns}
     assert None not in owners.values(), [c for c, o in owners.items() if o is None]
-    assert set(owners.values()) == {"extract", "classify", "depth", "finetune"}
+    assert set(owners.values()) == {"extract", "classify", "diagnose", "depth", "finetune"}
     declared = {f.rstrip("/") for s in layout.STAGES.values() for f in s.files}
     declared |= {layout.TABLE, "examples.csv", layout.STAMPS, ".run.lock"}
     written = {p.name for p in out.iterdir()}
     assert written <= declared, written - declared
-    assert {"classify", "similarity", "explain", "report"} <= set(run.stamps())
+    assert {"classify", "similarity", "explain", "diagnose", "report"} <= set(run.stamps())
     for stage in ("depth", "finetune"):  # a stage run alone replaces only its own columns
         before = run.examples.drop(columns=[c for c in run.examples if owners[c] == stage])
         run.join(stage, run.examples[["id"]])
@@ -357,7 +375,11 @@ def test_features_trained_on_the_train_labels_are_flagged(fake_cifar, tmp_path, 
 def test_other_data_is_not_flagged_unless_the_config_says(cfg, monkeypatch):
     import dataclasses
 
-    from hardprobe.stages.extract.trained_on import UPPER_BOUND, rank_warning, split_identity
+    from hardprobe.stages.extract.trained_on import (
+        UPPER_BOUND,
+        rank_warning,
+        split_identity,
+    )
     _published_cifar_backbone(monkeypatch)
     out = pipeline.run(cfg, progress=False)  # 3 colour classes: not CIFAR-10 train
     run = hardprobe.load_run(out)

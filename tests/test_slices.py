@@ -159,6 +159,7 @@ def planted_run(tmp_path_factory):
     import warnings
 
     from conftest import make_folder
+
     from hardprobe import pipeline
     from hardprobe.config import build_config
     from hardprobe.stages.classify import classify

@@ -173,6 +173,9 @@ class RunConfig:
         "tsne", choices=("tsne", "pca"),
         help="2-D map of the test embeddings: tsne or pca")
     similarity: bool = option(True, help="compute neighbours, centroids and the 2-D map")
+    diagnose: bool = option(
+        True, help="a cause for every example and the slices where the model fails (the "
+                   "diagnose stage with its defaults; `hardprobe diagnose` for its options)")
     report: bool = option(True, help="write RUN_DIR/report.html")
     explorer: bool = option(True, help="write RUN_DIR/explorer.html (every test example, offline)")
     # output

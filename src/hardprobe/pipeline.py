@@ -42,21 +42,32 @@ def run(cfg: RunConfig, *, progress: bool = True) -> Path:
                              "layer": cfg.cam_layer},
               lambda: explain_run(out, top=cfg.top, method=cfg.cam_method, layer=cfg.cam_layer,
                                   device=device, progress=progress))
+    if cfg.diagnose:
+        _diagnose(out, progress)
     if cfg.report:
         from .report import write_report
         stamps = r.stamps()
-        key = ({s: stamps.get(s) for s in ("classify", "similarity", "explain")}
+        key = ({s: stamps.get(s) for s in ("classify", "similarity", "explain", "diagnose")}
                | {"top": cfg.top} | _optional_stage_digests(out))
         _step(r, "report", key, lambda: write_report(out, top=cfg.top),
               also=not (out / "report.html").exists())
     if cfg.explorer and "test" in r.splits:
         from .report.explorer import write_explorer
         stamps = r.stamps()
-        key = {s: stamps.get(s) for s in ("classify", "similarity", "explain")} | {
+        key = {s: stamps.get(s) for s in ("classify", "similarity", "explain", "diagnose")} | {
             "splits": ["test"]}
         _step(r, "explore", key, lambda: write_explorer(out),
               also=not (out / "explorer.html").exists())
     return out
+
+
+def _diagnose(out: Path, progress: bool) -> None:
+    """The diagnose stage with the options of its last run (or the defaults), unless its
+    stamp says it is current."""
+    from .stages.diagnose.stage import diagnose_run, is_current, last_config
+    cfg = last_config(out, progress=progress)
+    if not is_current(out, cfg):
+        diagnose_run(out, cfg)
 
 
 def _step(run, stage: str, key: dict, compute, *, also: bool = False) -> None:

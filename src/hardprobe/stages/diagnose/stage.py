@@ -89,6 +89,7 @@ def diagnose_run(run_dir, config: DiagnoseConfig | None = None, **options) -> di
     summary = _summary(run, table, probs, cfg, primary, others, quality)
     summary["slices"] = sliced
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["options"] = _options(cfg)  # `hardprobe run` redoes diagnose with these
     (run.path / OUT_DIR).mkdir(exist_ok=True)
     write_json(run.path / OUT_DIR / "summary.json", summary)
     with run.lock():  # metrics.json is classify's file: add one key, keep the rest
@@ -107,10 +108,15 @@ def _key(run, cfg: DiagnoseConfig) -> str:
     the options, so a rerun with the same options gets the same stamp whether or not the
     table already holds them."""
     st = run.stamps()
+    return key_digest({"classify": st.get("classify"), "perturb": st.get("perturb"),
+                       "finetune": st.get("finetune"), "options": _options(cfg)})
+
+
+def _options(cfg: DiagnoseConfig) -> dict:
+    """The options that shape the output (summary.json's "options"; progress does not)."""
     opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "progress"}
     opts["with_runs"] = [str(Path(p).resolve()) for p in cfg.with_runs]
-    return key_digest({"classify": st.get("classify"), "perturb": st.get("perturb"),
-                       "finetune": st.get("finetune"), "options": opts})
+    return opts
 
 
 SLICE_SPLIT = "test"  # slices are fitted and held out within this split
@@ -353,3 +359,19 @@ def _label_error_estimate(run, split, probs, head, d) -> dict:
             out[f"estimated_{method}"] = int(num_label_issues(y, P, estimation_method=method))
     out["in_sample"] = head == "model"
     return out
+
+
+def last_config(run_dir, *, progress: bool = True) -> DiagnoseConfig:
+    """The options of the run's last diagnose (summary.json), or the defaults: so that
+    `hardprobe run` keeps a user's `hardprobe diagnose --with-runs ...` when it redoes it."""
+    path = Path(run_dir) / OUT_DIR / "summary.json"
+    saved = read_json(path).get("options") if path.exists() else None
+    known = {f.name for f in fields(DiagnoseConfig)}
+    kept = {k: v for k, v in (saved or {}).items() if k in known and k != "progress"}
+    return DiagnoseConfig(**kept, progress=progress)
+
+
+def is_current(run_dir, cfg: DiagnoseConfig) -> bool:
+    """Whether the run's diagnose output came from these options and the current inputs."""
+    run = load_run(run_dir)
+    return "failure_mode" in run.examples and run.stamps().get("diagnose") == _key(run, cfg)

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import shutil
 import logging
+import shutil
 import time
 from pathlib import Path
 
