@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -122,15 +123,12 @@ def perturb_run(run_dir, *, subset: int | None = 2000, corruptions=None, severit
     order). num_workers: DataLoader workers that build the perturbed images (None: the run's
     setting). cache_dir: default the run's cache dir.
     """
-    from ...core.cache import CacheEntry, default_cache_dir, key_digest
-    from ...core.device import default_num_workers, resolve_device, resolve_precision
     from ...rundir.layout import require
     from ...rundir.run import load_run
 
     t0 = time.perf_counter()
     secs: dict[str, float] = {}
     run = load_run(run_dir)
-    cfg = run.config
     names = check_corruptions(corruptions)
     sev = check_severities(severities)
     if int(seed) < 0:
@@ -138,31 +136,103 @@ def perturb_run(run_dir, *, subset: int | None = 2000, corruptions=None, severit
     if TEST not in run.splits or TRAIN not in run.splits:
         raise PerturbError(f"{run.path} needs a train and a test split (it has {run.splits})")
     require(run.examples.columns, "perturb")
+    p = _probe_setup(run, subset, int(seed), device, batch_size, num_workers, cache_dir,
+                     progress, cifar10c, sev)
+    secs["setup"] = time.perf_counter() - t0
 
-    say = log.info if progress else (lambda msg: None)
+    t1 = time.perf_counter()
+    acc_rows, flip, frost_info = _corruption_probes(p, names, sev)
+    secs["corruptions"] = time.perf_counter() - t1
+    per_ex = p.sub[["id", "label", "label_name"]].copy()
+    per_ex["clean_pred"] = p.clean_pred
+    per_ex["flip_severity"] = np.mean([flip[c] for c in names], axis=0)
+    for c in names:
+        per_ex[f"flip_severity_{c}"] = flip[c].astype(np.int64)
+    summary_extra: dict = {}
+    if occlusion:
+        t1 = time.perf_counter()
+        summary_extra.update(_occlusion_probes(p, per_ex, run.path / OUT_DIR))
+        secs["occlusion"] = time.perf_counter() - t1
+    if blend:
+        t1 = time.perf_counter()
+        summary_extra["blend"] = _blend_probe(p, per_ex)
+        secs["blend"] = time.perf_counter() - t1
 
+    out = run.path / OUT_DIR
+    acc = pd.DataFrame(acc_rows, columns=["corruption", "severity", "head", "accuracy", "n"])
+    summary = _summary(run, p.heads, acc, per_ex, names, sev, p.clean_probs, p.labels, p.seed,
+                       subset, p.c10c, frost_info, p.notes, p.hits)
+    summary.update(summary_extra)
+    _write_strips(out, per_ex, p.images, p.ids, names, sev, p.seed, p.c10c, p.rows)
+    _write_outputs(run, out, acc, per_ex, names, summary, secs, t0)
+    p.say(f"wrote {out} ({p.hits['computed']} computed, {p.hits['cached']} from the cache)")
+    return out
+
+
+@dataclass
+class _Probe:
+    """What every probe of one perturb run shares: the probed subset (rows of the test
+    split, stratified), its clean images (H, W, 3) uint8 and predictions, the heads and the
+    backbone, the forward options `fw`, and `cached(key, compute)`, which reads or fills one
+    cache entry keyed by the run's inputs plus `key`."""
+    run: object
+    rows: np.ndarray
+    sub: pd.DataFrame
+    ids: list
+    labels: np.ndarray
+    heads: RunHeads
+    clean_arrays: dict
+    clean_probs: dict
+    clean_pred: np.ndarray
+    backbone: object
+    images: list
+    fw: dict
+    seed: int
+    c10c: object
+    notes: list
+    say: Callable
+    cache_root: Path
+    base_key: dict = field(default_factory=dict)
+    hits: dict = field(default_factory=lambda: {"computed": 0, "cached": 0})
+
+    def cached(self, key: dict, compute: Callable[[], dict]) -> dict:
+        from ...core.cache import CacheEntry
+        entry = CacheEntry(self.cache_root, {**self.base_key, **key})
+        with entry.lock():
+            if not entry.complete:
+                arrays = compute()
+                n = len(next(iter(arrays.values())))
+                entry.write_shard(0, index=np.arange(n), **arrays)
+                entry.finalize(1, meta={"n": n, "kind": key.get("kind")})
+                self.hits["computed"] += 1
+            else:
+                self.hits["cached"] += 1
+            return {k: v for k, v in entry.load().items() if k != "index"}
+
+
+def _probe_setup(run, subset, seed, device, batch_size, num_workers, cache_dir, progress,
+                 cifar10c, sev) -> _Probe:
+    """The subset, its clean predictions and images, the backbone, the cache key's base."""
+    from ...core.cache import default_cache_dir, key_digest
+    from ...core.device import default_num_workers, resolve_device, resolve_precision
+    cfg = run.config
     dev = resolve_device(device)
     precision = resolve_precision(cfg.precision, dev)
     if num_workers is None:
         num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers()
-    cache_root = Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser()
     fw = dict(device=str(dev), precision=precision, batch_size=batch_size,
               num_workers=num_workers, progress=progress)
-
-    # ---- the subset, its clean predictions and images
     test = run.split_examples(TEST)
     labels_all = test["label"].to_numpy()
     rows = stratified_subset(labels_all, subset, seed=seed)
     sub = test.iloc[rows].reset_index(drop=True)
     ids = sub["id"].astype(str).tolist()
-    labels = sub["label"].to_numpy(np.int64)
     heads = RunHeads(run, cfg, device=str(dev))
     clean_arrays = {"embedding": run.features(TEST)[rows]}
     if heads.with_logits:
         clean_arrays["logits"] = run.logits(TEST)[rows]
     clean_probs = heads.probs(clean_arrays)
-    clean_pred = clean_probs[heads.primary].argmax(1)
-    backbone = run.backbone()
+    say = log.info if progress else (lambda msg: None)
     say(f"{len(rows)} of {len(test)} test examples (stratified, seed {seed}); heads "
         f"{', '.join(heads.names)}, primary {heads.primary}")
     notes: list[str] = []
@@ -173,147 +243,129 @@ def perturb_run(run_dir, *, subset: int | None = 2000, corruptions=None, severit
         notes.append(f"corrupted images read from CIFAR-10-C at {c10c.root}; its labels match "
                      "the run's test labels in order")
     images = [np.ascontiguousarray(t.permute(1, 2, 0).numpy()) for t in run.images(ids)]
+    _size_note(images, c10c, notes)
+    backbone = run.backbone()
+    p = _Probe(run=run, rows=rows, sub=sub, ids=ids, labels=sub["label"].to_numpy(np.int64),
+               heads=heads, clean_arrays=clean_arrays, clean_probs=clean_probs,
+               clean_pred=clean_probs[heads.primary].argmax(1), backbone=backbone,
+               images=images, fw=fw, seed=seed, c10c=c10c, notes=notes, say=say,
+               cache_root=Path(cache_dir or cfg.cache_dir or default_cache_dir()).expanduser())
+    p.base_key = {"version": PERTURB_VERSION, "backbone": backbone.describe(),
+                  "precision": precision, "with_logits": heads.with_logits,
+                  "images": run.provenance["dataset"]["splits"][TEST]["manifest"],
+                  "ids": key_digest({"ids": ids})}
+    return p
+
+
+def _size_note(images, c10c, notes) -> None:
     sizes = sorted({im.shape[:2] for im in images})
     if c10c is None and sizes != [(32, 32)]:
         notes.append(f"test images are {sizes[0][0]}x{sizes[0][1]}"
                      + (" and other sizes" if len(sizes) > 1 else "")
                      + ": the CIFAR-10 parameters are pixel units for 32x32, so blurs and noise "
                        "grain are milder relative to these images than on CIFAR-10-C")
-    secs["setup"] = time.perf_counter() - t0
 
-    base_key = {"version": PERTURB_VERSION, "backbone": backbone.describe(),
-                "precision": precision, "with_logits": heads.with_logits,
-                "images": run.provenance["dataset"]["splits"][TEST]["manifest"],
-                "ids": key_digest({"ids": ids})}
-    hits = {"computed": 0, "cached": 0}
 
-    def cached(key: dict, compute: Callable[[], dict]) -> dict:
-        entry = CacheEntry(cache_root, {**base_key, **key})
-        with entry.lock():
-            if not entry.complete:
-                arrays = compute()
-                n = len(next(iter(arrays.values())))
-                entry.write_shard(0, index=np.arange(n), **arrays)
-                entry.finalize(1, meta={"n": n, "kind": key.get("kind")})
-                hits["computed"] += 1
-            else:
-                hits["cached"] += 1
-            return {k: v for k, v in entry.load().items() if k != "index"}
-
-    # ---- corruptions
-    t1 = time.perf_counter()
-    frost_info = frost_source() if "frost" in names and c10c is None else None
+def _corruption_probes(p: _Probe, names, sev):
+    """-> (accuracy rows per corruption/severity/head, {corruption: (n,) lowest flip
+    severity (NEVER = never flips)}, the frost source or None)."""
+    from ...core.cache import key_digest
+    frost_info = frost_source() if "frost" in names and p.c10c is None else None
     if frost_info:
         _frost_textures(_frost_key())  # loaded once here, inherited by DataLoader workers
         if frost_info["kind"] == "procedural":
-            notes.append(f"frost: {frost_info['note']}")
-    acc_rows, flip = [], {}
+            p.notes.append(f"frost: {frost_info['note']}")
+    heads, acc_rows, flip = p.heads, [], {}
     for c in names:
         preds = []
         for s in sev:
-            if c10c is not None:
+            if p.c10c is not None:
                 key = {"kind": "cifar10c", "corruption": c, "severity": s,
-                       "source": c10c.describe(c), "rows": key_digest({"rows": rows.tolist()})}
-                src = _Plain(list(c10c.images(c, s, rows)))
+                       "source": p.c10c.describe(c),
+                       "rows": key_digest({"rows": p.rows.tolist()})}
+                src = _Plain(list(p.c10c.images(c, s, p.rows)))
             else:
-                key = {"kind": "corruption", "corruption": c, "severity": s, "seed": int(seed),
+                key = {"kind": "corruption", "corruption": c, "severity": s, "seed": p.seed,
                        "frost": frost_info and [frost_info["kind"], frost_info["path"]]}
-                src = _Corrupted(images, ids, c, s, int(seed))
-            arrays = cached(key, lambda: _forward(backbone, src, desc=f"{c} {s}",
-                                                  with_logits=heads.with_logits, **fw))
+                src = _Corrupted(p.images, p.ids, c, s, p.seed)
+            arrays = p.cached(key, lambda: _forward(p.backbone, src, desc=f"{c} {s}",
+                                                    with_logits=heads.with_logits, **p.fw))
             probs = heads.probs(arrays)
             for h in heads.names:
                 acc_rows.append({"corruption": c, "severity": s, "head": h,
-                                 "accuracy": float((probs[h].argmax(1) == labels).mean()),
-                                 "n": len(labels)})
+                                 "accuracy": float((probs[h].argmax(1) == p.labels).mean()),
+                                 "n": len(p.labels)})
             preds.append(probs[heads.primary].argmax(1))
-        flip[c] = lowest_flip(clean_pred, np.stack(preds), sev, NEVER)
-        say(f"{c}: " + ", ".join(f"s{r['severity']} {r['accuracy']:.3f}" for r in acc_rows
-                                 if r["corruption"] == c and r["head"] == heads.primary))
-    secs["corruptions"] = time.perf_counter() - t1
+        flip[c] = lowest_flip(p.clean_pred, np.stack(preds), sev, NEVER)
+        p.say(f"{c}: " + ", ".join(f"s{r['severity']} {r['accuracy']:.3f}" for r in acc_rows
+                                   if r["corruption"] == c and r["head"] == heads.primary))
+    return acc_rows, flip, frost_info
 
-    per_ex = sub[["id", "label", "label_name"]].copy()
-    per_ex["clean_pred"] = clean_pred
-    per_ex["flip_severity"] = np.mean([flip[c] for c in names], axis=0)
-    for c in names:
-        per_ex[f"flip_severity_{c}"] = flip[c].astype(np.int64)
-    summary_extra: dict = {}
-    hkey = {"heads": key_digest(heads.key)}
 
-    # ---- occlusion and random erasing
-    if occlusion:
-        t1 = time.perf_counter()
-        say(f"occlusion: {OCCLUSION_GRID}x{OCCLUSION_GRID} grey patches, random erasing at "
-            f"{len(ERASE_AREAS)} areas")
-        clean_p = clean_probs[heads.primary][np.arange(len(labels)), labels]
-        occ = cached({"kind": "occlusion", "grid": OCCLUSION_GRID, "patch": OCCLUSION_PATCH,
-                      "grey": OCCLUSION_GREY, **hkey},
-                     lambda: dict(zip(("maps", "max_drop"), occlusion_sensitivity(
-                         backbone, images, labels, predict=heads.primary_probs,
-                         clean_prob=clean_p, **fw))))
-        per_ex["occlusion_max_drop"] = occ["max_drop"].astype(np.float64)
-        out_dir = run.path / OUT_DIR
-        from ...core.io import atomic_write
-        atomic_write(out_dir / "occlusion.npz", lambda f: np.savez_compressed(
-            f, ids=np.array(ids, dtype=str), maps=occ["maps"],
-            grid=np.int64(OCCLUSION_GRID), patch=np.float64(OCCLUSION_PATCH),
-            grey=np.int64(OCCLUSION_GREY)))
-        er = cached({"kind": "erase", "areas": list(ERASE_AREAS), "aspect": list(ERASE_ASPECT),
-                     "seed": int(seed), **hkey},
-                    lambda: {"flip_area": erase_flip_areas(
-                        backbone, images, ids=ids, seed=int(seed), predict=heads.primary_probs,
-                        clean_pred=clean_pred, **fw)})
-        per_ex["erase_flip_area"] = er["flip_area"]
-        summary_extra["occlusion"] = {
-            "grid": OCCLUSION_GRID, "patch_fraction": OCCLUSION_PATCH, "grey": OCCLUSION_GREY,
-            "mean_max_drop": float(per_ex["occlusion_max_drop"].mean()),
-            "median_max_drop": float(per_ex["occlusion_max_drop"].median())}
-        flipped = per_ex["erase_flip_area"] < 1.0
-        summary_extra["erase"] = {
-            "areas": list(ERASE_AREAS), "aspect_range": list(ERASE_ASPECT), "fill": "uniform noise",
-            "share_flipped": float(flipped.mean()),
-            "median_flip_area": float(per_ex.loc[flipped, "erase_flip_area"].median())
-            if flipped.any() else None}
-        secs["occlusion"] = time.perf_counter() - t1
+def _occlusion_probes(p: _Probe, per_ex: pd.DataFrame, out_dir: Path) -> dict:
+    """Grey-patch sensitivity and random erasing: fills per_ex's occlusion_max_drop and
+    erase_flip_area, writes occlusion.npz, returns their summary entries."""
+    from ...core.cache import key_digest
+    from ...core.io import atomic_write
+    p.say(f"occlusion: {OCCLUSION_GRID}x{OCCLUSION_GRID} grey patches, random erasing at "
+          f"{len(ERASE_AREAS)} areas")
+    hkey = {"heads": key_digest(p.heads.key)}
+    clean_p = p.clean_probs[p.heads.primary][np.arange(len(p.labels)), p.labels]
+    occ = p.cached({"kind": "occlusion", "grid": OCCLUSION_GRID, "patch": OCCLUSION_PATCH,
+                    "grey": OCCLUSION_GREY, **hkey},
+                   lambda: dict(zip(("maps", "max_drop"), occlusion_sensitivity(
+                       p.backbone, p.images, p.labels, predict=p.heads.primary_probs,
+                       clean_prob=clean_p, **p.fw))))
+    per_ex["occlusion_max_drop"] = occ["max_drop"].astype(np.float64)
+    atomic_write(out_dir / "occlusion.npz", lambda f: np.savez_compressed(
+        f, ids=np.array(p.ids, dtype=str), maps=occ["maps"],
+        grid=np.int64(OCCLUSION_GRID), patch=np.float64(OCCLUSION_PATCH),
+        grey=np.int64(OCCLUSION_GREY)))
+    er = p.cached({"kind": "erase", "areas": list(ERASE_AREAS), "aspect": list(ERASE_ASPECT),
+                   "seed": p.seed, **hkey},
+                  lambda: {"flip_area": erase_flip_areas(
+                      p.backbone, p.images, ids=p.ids, seed=p.seed,
+                      predict=p.heads.primary_probs, clean_pred=p.clean_pred, **p.fw)})
+    per_ex["erase_flip_area"] = er["flip_area"]
+    flipped = per_ex["erase_flip_area"] < 1.0
+    return {"occlusion": {
+                "grid": OCCLUSION_GRID, "patch_fraction": OCCLUSION_PATCH, "grey": OCCLUSION_GREY,
+                "mean_max_drop": float(per_ex["occlusion_max_drop"].mean()),
+                "median_max_drop": float(per_ex["occlusion_max_drop"].median())},
+            "erase": {
+                "areas": list(ERASE_AREAS), "aspect_range": list(ERASE_ASPECT),
+                "fill": "uniform noise", "share_flipped": float(flipped.mean()),
+                "median_flip_area": float(per_ex.loc[flipped, "erase_flip_area"].median())
+                if flipped.any() else None}}
 
-    # ---- blend toward the nearest other class
-    if blend:
-        t1 = time.perf_counter()
-        partner_cls, partner_ids = _blend_partners(run, clean_arrays["embedding"], labels)
-        say(f"blend toward the nearest other class's prototype at {len(BLEND_WEIGHTS)} weights")
-        uniq = sorted(set(partner_ids))
-        decoded = dict(zip(uniq, (np.ascontiguousarray(t.permute(1, 2, 0).numpy())
-                                  for t in run.images(uniq))))
-        partners = [decoded[p] for p in partner_ids]
-        bl = cached({"kind": "blend", "weights": list(BLEND_WEIGHTS),
-                     "partners": key_digest({"p": partner_ids}), **hkey},
-                    lambda: {"flip_weight": blend_flip_weights(
-                        backbone, images, partners, predict=heads.primary_probs,
-                        clean_pred=clean_pred, **fw)})
-        per_ex["blend_flip_weight"] = bl["flip_weight"]
-        per_ex["blend_partner"] = partner_cls
-        per_ex["blend_partner_id"] = partner_ids
-        flipped = per_ex["blend_flip_weight"] < 1.0
-        summary_extra["blend"] = {
-            "weights": list(BLEND_WEIGHTS),
+
+def _blend_probe(p: _Probe, per_ex: pd.DataFrame) -> dict:
+    """Blend toward the nearest other class's prototype: fills per_ex's blend_flip_weight,
+    blend_partner, blend_partner_id; returns the summary entry."""
+    from ...core.cache import key_digest
+    partner_cls, partner_ids = _blend_partners(p.run, p.clean_arrays["embedding"], p.labels)
+    p.say(f"blend toward the nearest other class's prototype at {len(BLEND_WEIGHTS)} weights")
+    uniq = sorted(set(partner_ids))
+    decoded = dict(zip(uniq, (np.ascontiguousarray(t.permute(1, 2, 0).numpy())
+                              for t in p.run.images(uniq))))
+    partners = [decoded[q] for q in partner_ids]
+    bl = p.cached({"kind": "blend", "weights": list(BLEND_WEIGHTS),
+                   "partners": key_digest({"p": partner_ids}),
+                   "heads": key_digest(p.heads.key)},
+                  lambda: {"flip_weight": blend_flip_weights(
+                      p.backbone, p.images, partners, predict=p.heads.primary_probs,
+                      clean_pred=p.clean_pred, **p.fw)})
+    per_ex["blend_flip_weight"] = bl["flip_weight"]
+    per_ex["blend_partner"] = partner_cls
+    per_ex["blend_partner_id"] = partner_ids
+    flipped = per_ex["blend_flip_weight"] < 1.0
+    return {"weights": list(BLEND_WEIGHTS),
             "partner": "the train example closest to its class centroid (its prototype), of the "
                        "class whose train centroid is most cosine-similar to the example's "
                        "embedding, among the classes other than its label",
             "share_flipped": float(flipped.mean()),
             "median_flip_weight": float(per_ex.loc[flipped, "blend_flip_weight"].median())
             if flipped.any() else None}
-        secs["blend"] = time.perf_counter() - t1
-
-    # ---- outputs
-    out = run.path / OUT_DIR
-    acc = pd.DataFrame(acc_rows, columns=["corruption", "severity", "head", "accuracy", "n"])
-    summary = _summary(run, heads, acc, per_ex, names, sev, clean_probs, labels, seed, subset,
-                       c10c, frost_info, notes, hits)
-    summary.update(summary_extra)
-    _write_strips(out, per_ex, images, ids, names, sev, int(seed), c10c, rows)
-    _write_outputs(run, out, acc, per_ex, names, summary, secs, t0)
-    say(f"wrote {out} ({hits['computed']} computed, {hits['cached']} from the cache)")
-    return out
 
 
 def strip_level(severities) -> int:
