@@ -108,3 +108,13 @@ def test_no_function_over_80_lines():
                 if n > 80 and where not in LONG_ALLOWED:
                     long.append(f"{where} ({n} lines)")
     assert not long, long
+
+
+def test_tests_mirror_the_package_layout():
+    """tests/<folder>/ holds the tests of src/hardprobe/<folder>/, so each folder of tests
+    names a package, and no two test files share a name (pytest imports them by basename)."""
+    tests = Path(__file__).resolve().parent
+    folders = [d.name for d in tests.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))]
+    assert folders and all((SRC / "hardprobe" / d).is_dir() for d in folders), folders
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)

@@ -23,7 +23,7 @@ from hardprobe.backbones import _weights as W
 from hardprobe.backbones.cifar_resnet import CifarResNet, ShortcutA
 from hardprobe.errors import UnknownModelError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 CIFAR_CKPT = SHARED / "models" / "cifar-resnet"
 CIFAR_TEST_TAR = SHARED / "data" / "cifar10-jpeg" / "test.tar"
 needs_shared = pytest.mark.skipif(
