@@ -48,6 +48,7 @@ Functions:
     candidate_pairs(desc, k)         stage 1: each example's k nearest thumbnails (matmul top-k)
     shift_correlation(a, b)          stage 2: best correlation over shifts of +-4 px
     groups_from_pairs(n, i, j)       union-find: (N,) group id, -1 where an example has no copy
+    shared_groups(groups)            the groups, or None when no two rows share one
     find_duplicates(grey32, splits)  the table columns duplicate_group and train_duplicate
     duplicate_metrics(examples, heads)  metrics["duplicates"] (format below)
 """
@@ -270,6 +271,13 @@ def find_duplicates(grey32: np.ndarray, splits, *, threshold: float = THRESHOLD,
     has_fit_copy = linked_to(len(grey32), i[keep], j[keep], in_fit)
     train_dup = pd.array(np.where(in_fit, pd.NA, has_fit_copy), dtype="boolean")
     return pd.DataFrame({"duplicate_group": group, "train_duplicate": train_dup})
+
+
+def shared_groups(groups: np.ndarray) -> np.ndarray | None:
+    """groups (N,) int64 (-1 = none) when at least two rows share a group, else None: the
+    heads then run exactly as without groups (the linear probe's folds differ with them)."""
+    linked = groups[groups >= 0]
+    return groups if len(linked) and (np.bincount(linked) >= 2).any() else None
 
 
 def linked_to(n: int, i: np.ndarray, j: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -20,7 +20,12 @@ import pandas as pd
 from ..data.descriptors import run_thumbnails
 from ..errors import DataError
 from ..rundir.layout import FIT_SPLIT
-from ..scoring.duplicates import THRESHOLD, duplicate_metrics, find_duplicates
+from ..scoring.duplicates import (
+    THRESHOLD,
+    duplicate_metrics,
+    find_duplicates,
+    shared_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +54,7 @@ def fit_groups(dups: pd.DataFrame, run) -> np.ndarray | None:
     """(N_train,) int64 duplicate groups of the fit split, in run.split_examples order, or
     None when no two train examples share a group (the heads then run exactly as without)."""
     ids = run.split_examples(FIT_SPLIT)["id"]
-    g = dups.set_index("id").loc[ids, "duplicate_group"].to_numpy(np.int64)
-    linked = g[g >= 0]
-    return g if len(linked) and (np.bincount(linked) >= 2).any() else None
+    return shared_groups(dups.set_index("id").loc[ids, "duplicate_group"].to_numpy(np.int64))
 
 
 def metrics_entry(table: pd.DataFrame, heads) -> dict:

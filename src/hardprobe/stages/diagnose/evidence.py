@@ -18,6 +18,7 @@ from ...heads import KNNClassifier, LinearProbe, cross_val_predict_proba
 from ...rundir.layout import FIT_SPLIT, primary_head
 from ...rundir.run import load_run
 from ...scoring import image_quality
+from ...scoring.duplicates import shared_groups
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ def fit_duplicate_groups(run) -> np.ndarray | None:
     tr = run.split_examples(FIT_SPLIT)
     if "duplicate_group" not in tr:
         return None
-    g = tr["duplicate_group"].fillna(-1).to_numpy(np.int64)
-    linked = g[g >= 0]
-    return g if len(linked) and (np.bincount(linked) >= 2).any() else None
+    return shared_groups(tr["duplicate_group"].fillna(-1).to_numpy(np.int64))
 
 
 def class_similarity(run, split: str, k: int, classes=None, chunk: int = 4096) -> np.ndarray:
