@@ -14,13 +14,9 @@ from hardprobe import pipeline
 from hardprobe.backbones import Backbone, Preprocess, create_backbone
 from hardprobe.config import build_config
 from hardprobe.stages.explain import stage as explain
-from hardprobe.stages.explain.stage import (
-    CamError,
-    CamWarning,
-    cam_stats,
-    compute_cams,
-    faithfulness,
-)
+from hardprobe.stages.explain.cams import (CamWarning, blank_maps, cam_stats, compute_cams,
+                                           resolve_layer)
+from hardprobe.stages.explain.stage import CamError, faithfulness
 
 
 # ------------------------------------------------------------------ models
@@ -106,7 +102,7 @@ def test_fast_path_equals_library(models, name):
         lib = compute_cams(bb, x, targets, fast=False)
     assert fast.shape == (4, *x.shape[-2:]) and fast.dtype == np.float32
     assert 0 <= fast.min() and fast.max() <= 1
-    assert (~explain.blank_maps(fast)).sum() >= 2  # a real comparison, not of blank maps
+    assert (~blank_maps(fast)).sum() >= 2  # a real comparison, not of blank maps
     np.testing.assert_allclose(fast, lib, atol=1e-5)
     assert all(p.requires_grad for p in bb.model.parameters())  # flags restored
     assert all(p.grad is None for p in bb.model.parameters())
@@ -228,8 +224,8 @@ def test_unknown_method_and_layer_name_the_choices(models):
         compute_cams(bb, batch(bb, 1), [0], method="gradcan")
     with pytest.raises(CamError, match=r"no layer 'layer33'.*layer3.*hardprobe layers "
                                        r"cifar_resnet20"):
-        explain.resolve_layer(bb, "layer33")
-    assert explain.resolve_layer(bb) is bb.model.layer3
+        resolve_layer(bb, "layer33")
+    assert resolve_layer(bb) is bb.model.layer3
 
 
 def test_token_output_without_reshape_is_an_error(models):

@@ -61,10 +61,8 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     def __init__(self, *, C=1.0, max_iter=1000, tol=1e-6, standardize=True, device="cpu", seed=0,
                  threads=1):
+        self.C, self.max_iter, self.tol = C, max_iter, tol  # the solver's stopping rule
         self.threads = threads
-        self.C = C
-        self.max_iter = max_iter
-        self.tol = tol
         self.standardize = standardize
         self.device = device
         self.seed = seed

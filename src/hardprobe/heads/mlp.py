@@ -78,19 +78,11 @@ class MLPHead(ClassifierMixin, BaseEstimator):
     def __init__(self, *, hidden=(512,), dropout=0.5, epochs=30, batch_size=256, lr=1e-3,
                  optimizer="adamw", weight_decay=1e-4, momentum=0.9, warmup_epochs=1.0,
                  label_smoothing=0.0, standardize=True, device="cpu", seed=0):
-        self.hidden = hidden
-        self.dropout = dropout
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.optimizer = optimizer
-        self.weight_decay = weight_decay
-        self.momentum = momentum
-        self.warmup_epochs = warmup_epochs
-        self.label_smoothing = label_smoothing
-        self.standardize = standardize
-        self.device = device
-        self.seed = seed
+        self.hidden, self.dropout = hidden, dropout  # the network
+        self.epochs, self.batch_size, self.lr = epochs, batch_size, lr  # the schedule
+        self.optimizer, self.weight_decay, self.momentum = optimizer, weight_decay, momentum
+        self.warmup_epochs, self.label_smoothing = warmup_epochs, label_smoothing
+        self.standardize, self.device, self.seed = standardize, device, seed
 
     def fit(self, X, y, n_classes=None):
         """Fit on (N, D) features and (N,) int labels. n_classes: None means max(y) + 1."""

@@ -17,17 +17,7 @@ import pandas as pd
 from ..core.io import atomic_write_text, read_json
 from ..rundir.run import Run, load_run
 from . import plots
-from .template import (
-    esc,
-    fmt,
-    img,
-    kv_table,
-    messages,
-    page,
-    pct,
-    table,
-    truncation_note,
-)
+from .template import esc, fmt, img, kv_table, messages, page, pct, table, truncation_note
 
 GROUP_COLORS = {"both": "#cf222e", "only_a": "#1f77b4", "only_b": "#ff7f0e",
                 "neither": "#b0b0b0"}

@@ -22,17 +22,7 @@ from ..rundir.layout import HEAD_ORDER, require
 from ..rundir.run import Run, load_run
 from . import plots, sections
 from .caveats import upper_bound, upper_bound_text
-from .template import (
-    esc,
-    fmt,
-    img,
-    kv_table,
-    messages,
-    page,
-    pct,
-    table,
-    truncation_note,
-)
+from .template import esc, fmt, img, kv_table, messages, page, pct, table, truncation_note
 
 SECTIONS = [("why", "Why"), ("summary", "Summary"), ("accuracy", "Accuracy"),
             ("confusion", "Confusion"),

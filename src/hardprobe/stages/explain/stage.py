@@ -28,25 +28,10 @@ from ...core.io import atomic_write, write_json
 from ...errors import CamError, ConfigError
 from ...rundir.layout import primary_head, require
 from ...rundir.run import load_run
-from .cams import (
-    CAM_METHODS,
-    FLAT_MAX,
-    CamWarning,
-    LogitsModel,
-    blank_maps,
-    cam_method,
-    cam_stats,
-    compute_cams,
-    linear_head,
-    resolve_layer,
-    scale_like_library,
-    throughput,
-)
+from .cams import (LogitsModel, cam_method, cam_stats, compute_cams, linear_head,
+                   resolve_layer, throughput)
 
-__all__ = ["explain_run", "faithfulness", "model_input_view", "pred_column", "compute_cams",
-           "cam_stats", "throughput", "blank_maps", "scale_like_library", "resolve_layer",
-           "cam_method", "linear_head", "LogitsModel", "CamError", "CamWarning",
-           "CAM_METHODS", "FLAT_MAX"]
+__all__ = ["explain_run", "faithfulness", "model_input_view", "pred_column", "CamError"]
 
 
 # ------------------------------------------------------------------ faithfulness

@@ -18,38 +18,13 @@ The package, bottom up:
 """
 from ...errors import PerturbError
 from .cifar10c import CIFAR10C, read_cifar10c
-from .corruptions import (
-                          CIFAR_PARAMS,
-                          CORRUPTION_NOTES,
-                          CORRUPTIONS,
-                          SEVERITIES,
-                          check_corruptions,
-                          check_severities,
-                          corrupt,
-                          example_rng,
-)
+from .corruptions import CORRUPTION_NOTES, CORRUPTIONS, SEVERITIES, corrupt, example_rng
 from .frost_textures import frost_source
-from .probes import (
-                          BLEND_WEIGHTS,
-                          ERASE_AREAS,
-                          ERASE_ASPECT,
-                          NEVER,
-                          OCCLUSION_GREY,
-                          OCCLUSION_GRID,
-                          OCCLUSION_PATCH,
-                          blend,
-                          blend_flip_weights,
-                          erase,
-                          erase_flip_areas,
-                          flip_severities,
-                          lowest_flip,
-                          occlude,
-                          occlusion_positions,
-                          occlusion_sensitivity,
-                          predict_images,
-)
-from .run_heads import PRIMARY_ORDER, RunHeads
-from .stage import OUT_DIR, PERTURB_VERSION, perturb_columns, perturb_run
+from .probes import (BLEND_WEIGHTS, ERASE_AREAS, NEVER, blend, blend_flip_weights, erase,
+                     erase_flip_areas, flip_severities, lowest_flip, occlude,
+                     occlusion_positions, occlusion_sensitivity, predict_images)
+from .run_heads import RunHeads
+from .stage import perturb_columns, perturb_run
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "CORRUPTION_NOTES", "NEVER", "ERASE_AREAS",
            "BLEND_WEIGHTS", "PerturbError", "corrupt", "example_rng", "frost_source",
