@@ -129,6 +129,9 @@ def test_duplicate_metrics_on_a_hand_made_table():
     m = D.duplicate_metrics(ex, ["linear", "knn", "model"])
     assert m["n_groups"] == {"train": 1, "test": 1}  # group 0 twice in train; group 1 in test
     assert m["n_cross_split_groups"] == 2  # groups 0 and 2
+    assert m["n_groups_total"] == 3 and m["n_label_conflicts"] is None  # no label column
+    ex["label"] = [3, 3, 3, 1, 2, 5, 4, 4]  # group 1's two members disagree; -1 is no group
+    assert D.duplicate_metrics(ex, ["linear"])["n_label_conflicts"] == 1
     assert m["n_train_duplicates_in_test"] == 2
     assert m["accuracy"]["linear"] == {"all": 0.8, "without_train_duplicates": 2 / 3,
                                        "n_without": 3}

@@ -88,6 +88,9 @@ def test_a_shifted_test_copy_is_a_train_duplicate_and_accuracy_is_given_without_
             test.loc[keep, f"correct_{head}"].mean()), head
     page = (run.path / "report.html").read_text()
     assert "without train duplicates" in page and 'id="duplicates"' in page
+    groups = ex.loc[ex["duplicate_group"] >= 0, "duplicate_group"]
+    assert m["n_groups_total"] == groups.nunique() >= 2  # the report shows the stored counts
+    assert f"<b>{m['n_groups_total']}</b> holding {len(groups)} examples" in page
 
 
 def test_no_duplicates_writes_no_duplicate_columns(runs):

@@ -28,18 +28,15 @@ def duplicates_section(ctx) -> str:
 
 
 def _overview(ctx, dup: pd.DataFrame, m: dict) -> str:
-    by = dup.groupby("duplicate_group")
-    conflicts = int((by["label"].nunique() > 1).sum())
-    cross = int((by["split"].nunique() > 1).sum())
-    within = {s: int((dup[dup["split"] == s].groupby("duplicate_group").size() >= 2).sum())
-              for s in ctx.splits}
-    pairs = [("groups", f"<b>{fmt(by.ngroups)}</b> holding {fmt(len(dup))} examples"),
-             ("groups within a split", ", ".join(f"{esc(s)} {fmt(n)}" for s, n in within.items())),
-             ("groups spanning splits", fmt(cross)),
-             ("groups whose labels disagree", f"<b>{fmt(conflicts)}</b>")]
-    if "train_duplicate" in ctx.ex.columns:
-        n = int(ctx.ex["train_duplicate"].fillna(False).astype(bool).sum())
-        pairs.append(("non-train examples with a near-copy in train", f"<b>{fmt(n)}</b>"))
+    """The counts classify stored in metrics.json["duplicates"] (scoring.duplicate_metrics)."""
+    within = m.get("n_groups") or {}
+    pairs = [("groups", f"<b>{fmt(m.get('n_groups_total'))}</b> holding {fmt(len(dup))} examples"),
+             ("groups within a split", ", ".join(f"{esc(s)} {fmt(within.get(s))}"
+                                                 for s in ctx.splits)),
+             ("groups spanning splits", fmt(m.get("n_cross_split_groups"))),
+             ("groups whose labels disagree", f"<b>{fmt(m.get('n_label_conflicts'))}</b>"),
+             ("test examples with a near-copy in train",
+              f"<b>{fmt(m.get('n_train_duplicates_in_test'))}</b>")]
     if m.get("threshold") is not None:
         pairs.append(("rule", esc(f"{m.get('descriptor', 'shift_correlation')} >= "
                                   f"{m['threshold']}")))

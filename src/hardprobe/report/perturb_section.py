@@ -72,9 +72,10 @@ def _read_strips(path) -> dict:
 
 # ---------------------------------------------------------------- figures
 @plots._figure
-def severity_curves(acc: pd.DataFrame, clean: dict, heads: list[str]) -> Figure:
+def severity_curves(acc: pd.DataFrame, summary: dict, heads: list[str]) -> Figure:
     """One panel per corruption and one for the mean: accuracy (y) against severity (x) per head,
-    the clean accuracy at severity 0."""
+    the clean accuracy at severity 0. The mean panel is perturb's accuracy_by_severity."""
+    clean, by_sev = summary.get("clean_accuracy", {}), summary.get("accuracy_by_severity", {})
     corruptions = list(dict.fromkeys(acc["corruption"]))
     panels = corruptions + ["mean over corruptions"]
     ncols = min(PANEL_COLS, len(panels))
@@ -84,10 +85,11 @@ def severity_curves(acc: pd.DataFrame, clean: dict, heads: list[str]) -> Figure:
     sev = sorted(acc["severity"].unique())
     for k, name in enumerate(panels):
         ax = axes[k // ncols][k % ncols]
-        rows = acc if name == panels[-1] else acc[acc["corruption"] == name]
+        rows = acc[acc["corruption"] == name]
         for j, h in enumerate(heads):
-            a = rows[rows["head"] == h].groupby("severity")["accuracy"].mean().reindex(sev)
-            xs, ys = [0] + sev, [clean.get(h, np.nan)] + a.tolist()
+            a = (rows[rows["head"] == h].set_index("severity")["accuracy"] if name != panels[-1]
+                 else pd.Series({int(s): v for s, v in by_sev.get(h, {}).items()}))
+            xs, ys = [0] + sev, [clean.get(h, np.nan)] + a.reindex(sev).tolist()
             ax.plot(xs, ys, marker="o", ms=3, lw=1.6 if name == panels[-1] else 1.2,
                     color=plots.HEAD_COLORS.get(h, f"C{j + 3}"), label=h)
         ax.set_title(name.replace("_", " "), fontsize=9)
@@ -169,12 +171,12 @@ def perturb_section(run, *, max_rows: int = 200) -> str:
     out = _summary_table(s)
     if acc is not None and len(acc):
         out += ("<h3>Accuracy against severity</h3>"
-                + img(severity_curves(acc, s.get("clean_accuracy", {}), heads),
+                + img(severity_curves(acc, s, heads),
                       "accuracy against corruption severity", cls="plot")
                 + '<p class="caption">Accuracy of each head on the perturbed subset per '
                   "corruption and severity; the first point is the clean accuracy on the same "
                   "examples. Last panel: the mean over the corruptions.</p>")
-        out += _accuracy_table(acc, heads, primary)
+        out += _accuracy_table(acc, s, heads, primary)
     out += _classes_table(s, max_rows)
     out += _strips(run, data, primary)
     return out
@@ -241,19 +243,22 @@ def _summary_table(s: dict) -> str:
     return out
 
 
-def _accuracy_table(acc: pd.DataFrame, heads: list[str], primary: str) -> str:
+def _accuracy_table(acc: pd.DataFrame, summary: dict, heads: list[str], primary: str) -> str:
+    """accuracy.csv's primary-head rows, and perturb's means (summary.json): per corruption
+    over severities, per severity over corruptions, and overall."""
     sev = sorted(acc["severity"].unique())
     p = acc[acc["head"] == primary].pivot_table(index="corruption", columns="severity",
                                                 values="accuracy")
-    means = acc.groupby(["corruption", "head"])["accuracy"].mean()
-    order = list(dict.fromkeys(acc["corruption"]))
+    by_cor = summary.get("accuracy_by_corruption", {})
+    by_sev = summary.get("accuracy_by_severity", {}).get(primary, {})
+    by_sev = {int(k): v for k, v in by_sev.items()}  # JSON keys are strings
+    mca = summary.get("mean_corruption_accuracy", {})
     rows = []
-    for c in order:
+    for c in dict.fromkeys(acc["corruption"]):
         rows.append([esc(c)] + [pct(p.loc[c].get(s)) for s in sev]
-                    + [pct(means.get((c, h))) for h in heads])
-    allm = acc.groupby(["severity", "head"])["accuracy"].mean()
-    rows.append(["<b>mean</b>"] + [pct(allm.get((s, primary))) for s in sev]
-                + [f"<b>{pct(acc[acc['head'] == h]['accuracy'].mean())}</b>" for h in heads])
+                    + [pct(by_cor.get(h, {}).get(c)) for h in heads])
+    rows.append(["<b>mean</b>"] + [pct(by_sev.get(int(s))) for s in sev]
+                + [f"<b>{pct(mca.get(h))}</b>" for h in heads])
     header = (["corruption"] + [f"{primary} s{s}" for s in sev]
               + [f"mean {h}" for h in heads])
     return (table(header, rows, num_cols=range(1, len(header)))

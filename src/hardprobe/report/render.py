@@ -272,14 +272,15 @@ def reliability(ctx: Context) -> str:
 
 
 def hardness(ctx: Context) -> str:
+    """The histogram of the table's hardness column, and classify's figures per split."""
     vals = {s: ctx.ex.loc[ctx.ex["split"] == s, "hardness"].to_numpy() for s in ctx.splits}
     rows = []
     for s in ctx.splits:
-        d = ctx.ex[ctx.ex["split"] == s]
-        issues = int(d["label_issue"].sum()) if "label_issue" in d else 0
-        h = d["hardness"]
-        rows.append([esc(s), fmt(len(d)), fmt(h.mean()), fmt(h.median()), fmt(h.quantile(0.9)),
-                     fmt(issues) + upper_bound(ctx.metrics, s), pct(issues / max(len(d), 1))])
+        m = ctx.metrics.get("summary", {}).get(s, {})
+        h, n, issues = m.get("hardness", {}), m.get("n"), m.get("label_issue")
+        rows.append([esc(s), fmt(n), fmt(h.get("mean")), fmt(h.get("median")), fmt(h.get("q90")),
+                     fmt(issues) + upper_bound(ctx.metrics, s),
+                     pct(None if issues is None else issues / max(n, 1))])
     return (img(plots.hardness_histogram(vals), "hardness histogram", cls="plot") +
             table(["split", "examples", "mean hardness", "median", "90th pct",
                    "label-issue candidates",

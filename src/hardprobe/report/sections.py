@@ -4,7 +4,6 @@ returns escaped HTML."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 
 from . import plots
 from .caveats import upper_bound
@@ -270,11 +269,8 @@ def map_section(ctx) -> str:
 
 # ---------------------------------------------------------------- tables
 def per_class(ctx) -> str:
-    ev, ex = ctx.eval, ctx.ex
-    support = ev.groupby("label").size()
-    mean_h = ev.groupby("label")["hardness"].mean()
-    issues = (ex.groupby(["split", "label"])["label_issue"].sum() if "label_issue" in ex
-              else pd.Series(dtype=float))
+    summary = ctx.metrics.get("summary", {})  # classify's per-class figures per split
+    per = {s: summary.get(s, {}).get("per_class", {}) for s in ctx.splits}
     sep = None
     if ctx.sim is not None and ctx.sim["separation"] is not None:
         sep = {str(r["class"]): r for r in ctx.sim["separation"].to_dict("records")}
@@ -290,11 +286,11 @@ def per_class(ctx) -> str:
     if sep is not None:
         header += ["intra sim", "nearest class", "nearest sim"]
     rows = []
-    for _, k, name in shown:
-        row = [esc(name), fmt(int(support.get(k, 0)))]
+    for _, _k, name in shown:
+        row = [esc(name), fmt(per[ctx.split].get(name, {}).get("n"))]
         row += [pct(acc[h].get(name)) for h in ctx.heads]
-        row += [fmt(mean_h.get(k))]
-        row += [fmt(int(issues.get((s, k), 0))) for s in ctx.splits]
+        row += [fmt(per[ctx.split].get(name, {}).get("mean_hardness"))]
+        row += [fmt(per[s].get(name, {}).get("label_issue")) for s in ctx.splits]
         if sep is not None:
             r = sep.get(name, {})
             row += [fmt(r.get("intra_mean")), esc(r.get("nearest_class", "—")),

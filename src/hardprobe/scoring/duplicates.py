@@ -299,6 +299,8 @@ def duplicate_metrics(examples: pd.DataFrame, heads, *, fit_split: str = FIT_SPL
 
         {"n_groups": {split: groups holding >= 2 examples of that split},
          "n_cross_split_groups": groups spanning more than one split,
+         "n_groups_total": every group, "n_label_conflicts": groups whose members' given
+         labels differ (None without a label column),
          "n_duplicated": {split: examples of that split in any group},
          "n_train_duplicates_in_test": eval_split examples with train_duplicate True,
          "threshold": ..., "descriptor": ...,  (added by the caller when it knows them)
@@ -332,6 +334,10 @@ def duplicate_metrics(examples: pd.DataFrame, heads, *, fit_split: str = FIT_SPL
         acc[h] = {"all": float(c.mean()) if len(c) else None,
                   "without_train_duplicates": float(c[~flag].mean()) if (~flag).any() else None,
                   "n_without": int((~flag).sum())}
+    labels = (pd.Series(examples["label"].to_numpy()[linked]).groupby(g[linked]).nunique()
+              if "label" in examples.columns else None)
     return {"n_groups": n_groups, "n_cross_split_groups": int((spans > 1).sum()),
+            "n_groups_total": int(len(spans)),
+            "n_label_conflicts": None if labels is None else int((labels > 1).sum()),
             "n_duplicated": n_dup, "n_train_duplicates_in_test": int(flag.sum()),
             "accuracy": acc}

@@ -102,6 +102,8 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
                 p, labels, run.class_names)
     metrics["label_issue_head"] = issue_head
     metrics["label_issue_in_sample"] = issue_head == "model"
+    metrics["summary"] = {df["split"].iat[0]: split_summary(df, run.class_names)
+                          for df in frames if len(df)}
     if "knn" in probs:
         metrics["knn_search"] = {"backend": cfg.knn_backend, "index": cfg.knn_index,
                                  "exact": cfg.knn_index == "flat"}
@@ -236,6 +238,27 @@ def _head_metrics(probs: np.ndarray, labels: np.ndarray, class_names: list[str])
                                for c, a in zip(class_names, per_class)},
         "reliability": scores.reliability_table(probs, labels).to_dict("records"),
     }
+
+
+def split_summary(df: pd.DataFrame, class_names: list[str]) -> dict:
+    """What the report's hardness and per-class tables show, for one split's rows:
+    {"n", "hardness": {"mean", "median", "q90"} (higher = harder), "label_issue": candidates,
+     "per_class": {class: {"n", "mean_hardness", "label_issue"}}}."""
+    h = df["hardness"].astype(float)
+    by = df.groupby("label")
+    n_k, mean_k, issue_k = by.size(), by["hardness"].mean(), by["label_issue"].sum()
+    return {"n": len(df),
+            "hardness": {"mean": _num(h.mean()), "median": _num(h.median()),
+                         "q90": _num(h.quantile(0.9))},
+            "label_issue": int(df["label_issue"].sum()),
+            "per_class": {name: {"n": int(n_k.get(k, 0)), "mean_hardness": _num(mean_k.get(k)),
+                                 "label_issue": int(issue_k.get(k, 0))}
+                          for k, name in enumerate(class_names)}}
+
+
+def _num(x) -> float | None:
+    """A figure for metrics.json, which has no NaN."""
+    return None if pd.isna(x) else float(x)
 
 
 def _notes(probs: dict) -> list[str]:
