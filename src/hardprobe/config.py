@@ -84,7 +84,8 @@ class RunConfig:
     precision: str = option(
         "fp32", choices=("fp32", "bf16", "fp16", "int8", "auto"),
         help="fp32, bf16, fp16 (CUDA only, never chosen by auto), int8 (OpenVINO+NNCF "
-             "post-training quantisation on 300 train images, CPU; never chosen by auto), or auto (bf16 where the device supports it)")
+             "post-training quantisation on 300 train images, CPU; never chosen by auto), "
+             "or auto (bf16 where the device supports it)")
     engine: str = option(
         "torch", choices=("torch", "openvino", "auto"),
         help="inference engine of extract: torch, openvino (CPU), or auto (openvino on a CPU "
