@@ -82,9 +82,10 @@ class RunConfig:
     # features
     device: str = option("auto", help="auto (cuda, mps, cpu), or a torch device such as cuda:1")
     precision: str = option(
-        "fp32", choices=("fp32", "bf16", "int8", "auto"),
-        help="fp32, bf16, int8 (OpenVINO+NNCF post-training quantisation on 300 train images, "
-             "CPU; never chosen by auto), or auto (bf16 where the device supports it)")
+        "fp32", choices=("fp32", "bf16", "fp16", "int8", "auto"),
+        help="fp32, bf16, fp16 (CUDA only, never chosen by auto), int8 (OpenVINO+NNCF "
+             "post-training quantisation on 300 train images, CPU; never chosen by auto), "
+             "or auto (bf16 where the device supports it)")
     engine: str = option(
         "torch", choices=("torch", "openvino", "auto"),
         help="inference engine of extract: torch, openvino (CPU), or auto (openvino on a CPU "

@@ -25,7 +25,10 @@ def resolve_device(device: str | None = None) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'fp32' | 'bf16' | 'int8' | 'auto' -> 'fp32', 'bf16' or 'int8'.
+    """'fp32' | 'bf16' | 'fp16' | 'int8' | 'auto' -> 'fp32', 'bf16', 'fp16' or 'int8'.
+
+    fp16 (torch autocast float16) is CUDA only and never chosen by auto (bf16 keeps fp32's
+    range; fp16 is for GPUs without bf16 units, asked for by name).
 
     int8 (OpenVINO + NNCF post-training quantisation, CPU only) is kept as asked and never
     chosen by auto: its features differ from fp32's (see stages/extract/engines.py).
@@ -33,8 +36,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     auto = bf16 where the hardware has bf16 matrix units: a CUDA GPU that supports it, or a
     CPU with AMX or AVX512-BF16 (elsewhere bf16 on the CPU is emulated and slower than fp32).
     """
-    if precision not in ("fp32", "bf16", "int8", "auto"):
-        raise ConfigError(f"--precision must be fp32, bf16, int8 or auto, not {precision!r}")
+    if precision not in ("fp32", "bf16", "fp16", "int8", "auto"):
+        raise ConfigError(f"--precision must be fp32, bf16, fp16, int8 or auto, not {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 runs on a CUDA device, not {device.type}; use "
+                          "--precision bf16 (or auto) on the CPU")
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

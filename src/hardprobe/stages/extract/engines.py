@@ -87,15 +87,16 @@ class _Pair(torch.nn.Module):
 
 @dataclass
 class TorchEngine:
-    """Eager torch forward (autocast bf16 when precision is bf16)."""
+    """Eager torch forward (autocast bf16 / fp16 when precision is bf16 / fp16)."""
     backbone: object
     device: torch.device
     precision: str
     name: str = "torch"
 
     def __call__(self, x: torch.Tensor):
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
-                    if self.precision == "bf16" else contextlib.nullcontext())
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        autocast = (torch.autocast(self.device.type, dtype=dtype)
+                    if dtype is not None else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             e, lg = self.backbone(x.contiguous(memory_format=torch.channels_last))
         return e.float().cpu().numpy(), None if lg is None else lg.float().cpu().numpy()
