@@ -53,21 +53,17 @@ class RunConfig:
         "cifar_resnet56",
         help="backbone name (see `hardprobe models`), e.g. cifar_resnet56, resnet50, timm:<name>")
     weights: str | None = option(
-        None,
-        help="weights file to load (offline use); default: the published weights")
+        None, help="weights file to load (offline use); default: the published weights")
     weights_tag: str | None = option(
-        None,
-        help="named published weights, e.g. IMAGENET1K_V1 for resnet50")
+        None, help="named published weights, e.g. IMAGENET1K_V1 for resnet50")
     random_init: bool = option(
-        False,
-        help="random weights, for tests and speed runs only (never a silent fallback)")
+        False, help="random weights, for tests and speed runs only (never a silent fallback)")
     trust_weights: bool = option(
         False,
         help="allow unpickling a weights file that is not a plain state_dict; only for files you"
              " trust")
     image_size: int | None = option(
-        None,
-        help="override the network input size of the weights' preprocessing")
+        None, help="override the network input size of the weights' preprocessing")
     # data
     data: str = option(
         "cifar10", choices=("cifar10", "imagefolder"),
@@ -92,14 +88,11 @@ class RunConfig:
              "when it is installed, else torch)")
     batch_size: int = option(128, help="images per forward pass")
     num_workers: int | None = option(
-        None,
-        help="DataLoader workers (default: cores - 1, at most 8)")
+        None, help="DataLoader workers (default: cores - 1, at most 8)")
     cache_dir: str | None = option(
-        None,
-        help="feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)")
+        None, help="feature cache (default: $HARDPROBE_CACHE or ~/.cache/hardprobe)")
     shard_size: int = option(
-        4096,
-        help="examples per cache shard, the unit of resume after an interruption")
+        4096, help="examples per cache shard, the unit of resume after an interruption")
     feature_dtype: str = option(
         "float32", choices=("float32", "float16"),
         help="float32, or float16 to halve disk and memory of the embeddings")
@@ -118,8 +111,7 @@ class RunConfig:
     k: int = option(20, help="neighbours of the kNN head")
     temperature: float = option(0.07, help="temperature T of the kNN votes exp(sim / T)")
     knn_weights: str = option(
-        "exp", choices=("exp", "uniform"),
-        help="kNN votes: exp (DINO) or uniform")
+        "exp", choices=("exp", "uniform"), help="kNN votes: exp (DINO) or uniform")
     knn_backend: str = option(
         "torch", choices=("torch", "faiss"),
         help="kNN search: torch (exact, in RAM) or faiss (index built from memory-mapped "
@@ -130,11 +122,8 @@ class RunConfig:
              "docs/benchmarks.md)")
     knn_nlist: int | None = option(None, help="IVF lists (default 4 * sqrt(N_train))")
     knn_nprobe: int = option(
-        16,
-        help="IVF lists scanned per query (more = higher recall, slower; >= nlist is exact)")
-    linear_c: float = option(
-        1.0,
-        help="inverse L2 strength of the linear probe (scikit-learn's C)")
+        16, help="IVF lists scanned per query (more = higher recall, slower; >= nlist is exact)")
+    linear_c: float = option(1.0, help="inverse L2 strength of the linear probe (scikit-learn's C)")
     folds: int = option(5, help="folds of the out-of-fold linear-probe probabilities on train")
     issue_head: str = option(
         "linear", choices=("knn", "linear", "model"),
@@ -167,12 +156,10 @@ class RunConfig:
         help="Grad-CAM method: gradcam, gradcam++, xgradcam, layercam, hirescam, eigencam, "
              "scorecam")
     cam_layer: str | None = option(
-        None,
-        help="Grad-CAM target layer (default: the backbone's; see `hardprobe layers MODEL`)")
+        None, help="Grad-CAM target layer (default: the backbone's; see `hardprobe layers MODEL`)")
     neighbors: int = option(8, help="train neighbours shown per hard example")
     map_method: str = option(
-        "tsne", choices=("tsne", "pca"),
-        help="2-D map of the test embeddings: tsne or pca")
+        "tsne", choices=("tsne", "pca"), help="2-D map of the test embeddings: tsne or pca")
     similarity: bool = option(True, help="compute neighbours, centroids and the 2-D map")
     diagnose: bool = option(
         True, help="a cause for every example and the slices where the model fails (the "
