@@ -33,7 +33,8 @@ import numpy as np
 import pandas as pd
 
 from ...config import check_config, option
-from ...core.cache import key_digest
+from ...data.label_files import human_columns, read_soft_labels
+from ...core.cache import key_digest, sha256_bytes_of
 from ...core.io import read_json, write_json
 from ...rundir.layout import FIT_SPLIT, primary_head, require
 from ...rundir.run import load_run
@@ -61,6 +62,11 @@ class DiagnoseConfig:
     images: bool = option(True, help="read the images for the image-quality statistics")
     slices: bool = option(True, help="find the slices of the test split where the primary head "
                           "fails far more than on their class (RUN_DIR/slices/, slice_id)")
+    soft_labels: str | None = option(None, help="human label counts or distributions per "
+                                     "example (.npy N x C in dataset order, or .csv/.parquet "
+                                     "with an id or path column; see data/label_files.py): adds "
+                                     "human_p_given, human_entropy (nats), human_majority")
+    soft_labels_split: str = option("test", help="the split --soft-labels describes")
     seed: int = option(0, help="seed (recorded; the rules are deterministic)")
     batch_size: int = option(256, help="images per batch when reading images")
     num_workers: int = option(0, help="DataLoader workers reading images")
@@ -108,8 +114,24 @@ def _key(run, cfg: DiagnoseConfig) -> str:
     the options, so a rerun with the same options gets the same stamp whether or not the
     table already holds them."""
     st = run.stamps()
+    soft = sha256_bytes_of(Path(cfg.soft_labels)) if cfg.soft_labels else None
     return key_digest({"classify": st.get("classify"), "perturb": st.get("perturb"),
-                       "finetune": st.get("finetune"), "options": _options(cfg)})
+                       "finetune": st.get("finetune"), "options": _options(cfg),
+                       "soft_labels": soft})  # the file's contents: editing it re-runs
+
+
+def _with_human(run, split: str, cfg, df: pd.DataFrame) -> pd.DataFrame:
+    """df plus human_p_given, human_entropy (nats), human_majority (-1: no human row) from
+    --soft-labels, for the split it describes; other splits (or no file) unchanged."""
+    if not cfg.soft_labels or split != cfg.soft_labels_split:
+        return df
+    soft = read_soft_labels(cfg.soft_labels, df, len(run.class_names),
+                            class_names=run.class_names)
+    hum = human_columns(df, soft, df["label"].to_numpy())
+    log.info("diagnose: --soft-labels matched %d of %d %s examples",
+             int((hum["human_majority"] >= 0).sum()), len(df), split)
+    df = df.drop(columns=[c for c in hum.columns if c != "id" and c in df])
+    return df.merge(hum, on="id", how="left")
 
 
 def _options(cfg: DiagnoseConfig) -> dict:
@@ -119,6 +141,7 @@ def _options(cfg: DiagnoseConfig) -> dict:
     return opts
 
 
+HUMAN_COLUMNS = ("human_p_given", "human_entropy", "human_majority")
 SLICE_SPLIT = "test"  # slices are fitted and held out within this split
 
 
@@ -201,7 +224,7 @@ def _signals(df: pd.DataFrame, split: str, primary: str, others: dict) -> dict:
 
 
 def _diagnose_split(run, split, cfg, probs, primary, others, quality) -> pd.DataFrame:
-    df = run.split_examples(split)
+    df = _with_human(run, split, cfg, run.split_examples(split))
     y = df["label"].to_numpy()
     n = len(df)
     pred = df[f"pred_{primary}"].to_numpy()
@@ -235,6 +258,8 @@ def _diagnose_split(run, split, cfg, probs, primary, others, quality) -> pd.Data
     lo, hi = np.minimum(n1, n2), np.maximum(n1, n2)
     out["dx_neighbour_split"] = np.divide(lo, hi, out=np.zeros(n), where=hi > 0)
     out["dx_density_pct"], out["dx_alt_density_pct"] = dens, dens_alt
+    for c in HUMAN_COLUMNS:  # --soft-labels' columns (NaN / -1 on the other splits)
+        out[c] = df[c].to_numpy() if c in df else (-1 if c == "human_majority" else np.nan)
     ctx = dict(names=run.class_names, y=y, pred=pred, primary=primary, c1=c1, c2=c2, p1=p1,
                p2=p2, n1=n1, n2=n2, k=k, nb=nb, sig=sig, flips=flips, mildest=mildest,
                flip_names=_flip_columns(df), limits=quality[1], cfg=cfg,
