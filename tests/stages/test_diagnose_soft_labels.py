@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from stages.test_diagnose import base  # noqa: F401  (the synthetic run fixture)
 
 from hardprobe.rundir.run import load_run
 from hardprobe.stages.diagnose import diagnose_run
 from hardprobe.stages.diagnose.stage import DiagnoseConfig, _key
-from stages.test_diagnose import base  # noqa: F401  (the synthetic run fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

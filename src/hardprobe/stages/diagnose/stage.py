@@ -33,9 +33,9 @@ import numpy as np
 import pandas as pd
 
 from ...config import check_config, option
-from ...data.label_files import human_columns, read_soft_labels
 from ...core.cache import key_digest, sha256_bytes_of
 from ...core.io import read_json, write_json
+from ...data.label_files import human_columns, read_soft_labels
 from ...rundir.layout import FIT_SPLIT, primary_head, require
 from ...rundir.run import load_run
 from ...scoring import image_quality
