@@ -120,7 +120,6 @@ def test_people_feed_label_error_ambiguous_model_error_and_the_2x2(base, tmp_pat
 
 def test_a_row_the_file_lacks_does_not_veto_model_error(base, tmp_path):  # noqa: F811
     run_dir = Path(shutil.copytree(base, tmp_path / "run"))
-    run = load_run(run_dir)
     ex = _test_rows(run_dir)
     table = pd.DataFrame({"id": ex["id"].iloc[:2], "0": 10, "1": 0, "2": 0})  # 2 a rows only
     f = tmp_path / "soft.parquet"
@@ -149,3 +148,18 @@ def test_bad_files_raise_with_the_fix(base, tmp_path, make, fix):  # noqa: F811
     run_dir = Path(shutil.copytree(base, tmp_path / "run"))
     with pytest.raises(HardprobeError, match=fix):
         diagnose_run(run_dir, progress=False, soft_labels=str(f), images=False, slices=False)
+
+
+def test_rediagnosing_without_the_file_forgets_the_people(base, tmp_path):  # noqa: F811
+    run_dir = Path(shutil.copytree(base, tmp_path / "run"))
+    ex, counts, merr0, _ = _planted_votes(load_run(run_dir))
+    f = tmp_path / "soft.npy"
+    np.save(f, counts)
+    fast = {"progress": False, "images": False, "slices": False}
+    diagnose_run(run_dir, soft_labels=str(f), **fast)
+    assert not load_run(run_dir).split_examples("test").set_index("id").loc[
+        ex["id"].iat[merr0], "cause_model_error"]
+    summary = diagnose_run(run_dir, **fast)  # the stored human_* columns are not a vote
+    out = load_run(run_dir).split_examples("test").set_index("id").loc[ex["id"]]
+    assert out["cause_model_error"].iat[merr0] and out["human_p_given"].isna().all()
+    assert summary["human_vs_model"] is None

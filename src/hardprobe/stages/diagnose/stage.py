@@ -122,9 +122,10 @@ def _key(run, cfg: DiagnoseConfig) -> str:
 
 def _with_human(run, split: str, cfg, df: pd.DataFrame) -> pd.DataFrame:
     """df plus human_p_given, human_entropy (nats), human_majority (-1: no human row) from
-    --soft-labels, for the split it describes; other splits (or no file) unchanged."""
+    --soft-labels, for the split it describes. On other splits (or with no file) the human_*
+    columns an earlier diagnose wrote are dropped: stale outputs, not a human vote."""
     if not cfg.soft_labels or split != cfg.soft_labels_split:
-        return df
+        return df.drop(columns=[c for c in HUMAN_COLUMNS if c in df])
     soft = read_soft_labels(cfg.soft_labels, df, len(run.class_names),
                             class_names=run.class_names)
     hum = human_columns(df, soft, df["label"].to_numpy())
@@ -410,7 +411,7 @@ def _human_vs_model(run, table: pd.DataFrame, primary: str, cfg) -> dict | None:
     people = ex["human_p_given"].to_numpy(float) < 0.5
     cells = dict(zip(HARD_CELLS, (model & people, model & ~people, ~model & people,
                                   ~model & ~people)))
-    return {"split": cfg.soft_labels_split, "n": int(len(ex)),
+    return {"split": cfg.soft_labels_split, "n": len(ex),
             "model_hard": f"the primary head ({primary}) predicts a class other than the "
                           "given label",
             "human_hard": "fewer than half the people chose the given label "
