@@ -1,5 +1,6 @@
 """The report's opening "Why" section: what the diagnose stage concluded (counts per cause and
-class, label-error candidates against confident learning's estimate, examples of each cause)
+class, label-error candidates against confident learning's estimate, with --soft-labels the
+model-hard x human-hard 2x2, examples of each cause)
 and, when RUN_DIR/slices/ exists, the slices where the model fails. It reads columns, the
 "diagnose" entry of metrics.json (or diagnose/summary.json) and slices/slices.json; it
 computes nothing."""

@@ -5,8 +5,9 @@ classify stored (and perturb's and finetune's columns when present, and the runs
 `with_runs`), applies the rules of causes.py and writes
 
     RUN_DIR/diagnose/summary.json   counts per cause / class / split, thresholds, label-error
-                                    estimate, seconds, notes (also under "diagnose" in
-                                    metrics.json)
+                                    estimate, seconds, notes, and with --soft-labels
+                                    human_vs_model (the model-hard x human-hard 2x2 of
+                                    _human_vs_model) (also under "diagnose" in metrics.json)
     table columns  failure_mode, cause_<cause> (bool), evidence (text), dx_* (the numbers the
                    rules cut: dx_alt_class, dx_votes_for, dx_votes_against, dx_votes_avail,
                    dx_top2_ratio, dx_neighbour_split, dx_density_pct, dx_alt_density_pct), iq_* (image statistics
