@@ -1,5 +1,6 @@
 """The report's opening "Why" section: what the diagnose stage concluded (counts per cause and
-class, label-error candidates against confident learning's estimate, examples of each cause)
+class, label-error candidates against confident learning's estimate, with --soft-labels the
+model-hard x human-hard 2x2, examples of each cause)
 and, when RUN_DIR/slices/ exists, the slices where the model fails. It reads columns, the
 "diagnose" entry of metrics.json (or diagnose/summary.json) and slices/slices.json; it
 computes nothing."""
@@ -42,8 +43,8 @@ def why_section(ctx) -> str:
         return not_computed("diagnose", str(ctx.run.path)).replace(
             "</p>", " · a cause (label error, ambiguous, atypical, model error, …) for every "
                     "example appears here.</p>")
-    return (_counts(ctx, d) + _label_errors(d) + _per_class(ctx, d) + _examples(ctx)
-            + slices_part(ctx))
+    return (_counts(ctx, d) + _label_errors(d) + _human_vs_model(ctx, d) + _per_class(ctx, d)
+            + _examples(ctx) + slices_part(ctx))
 
 
 def _counts(ctx, d: dict) -> str:
@@ -89,6 +90,32 @@ def _label_errors(d: dict) -> str:
             + table(["split", "candidates (label_issue)", "estimated (confident joint)",
                      "estimated (calibrated)", "diagnosed label_error", "examples"], rows,
                     num_cols=range(1, 6)))
+
+
+HARD_CELLS = {"both": ("wrong", "fewer than half"), "model_only": ("wrong", "half or more"),
+              "people_only": ("right", "fewer than half"), "neither": ("right", "half or more")}
+
+
+def _human_vs_model(ctx, d: dict) -> str:
+    """diagnose's human_vs_model entry (--soft-labels): the 2x2 of model-hard by human-hard
+    with the stored example ids as thumbnails; '' without it."""
+    from .sections import TINY
+    h = d.get("human_vs_model")
+    if not h:
+        return ""
+    rows = []
+    for cell, (model, people) in HARD_CELLS.items():
+        ids = (h.get("examples") or {}).get(cell, [])
+        thumbs = "".join(ctx.thumb(str(i), TINY, alt=str(i)) for i in ids)
+        rows.append([f"<b>{esc(cell)}</b>", esc(model), esc(people),
+                     fmt(h.get("counts", {}).get(cell, 0)),
+                     f'<div class="thumbs">{thumbs}</div>' if thumbs else ""])
+    return ("<h3>Hard for the model, hard for people</h3>"
+            f'<p class="caption">The {esc(h.get("split"))} examples the --soft-labels file '
+            f"describes ({fmt(h.get('n'))}). Model-hard: {esc(h.get('model_hard'))}. "
+            f"Human-hard: {esc(h.get('human_hard'))}. Hardest examples first.</p>"
+            + table(["cell", "primary head", "people choosing the given label", "examples",
+                     "e.g."], rows, num_cols=(3,)))
 
 
 def _per_class(ctx, d: dict) -> str:

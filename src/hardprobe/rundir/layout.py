@@ -73,9 +73,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           stamp="fine-tuning options, feature keys, train ids and labels"),
     Stage("diagnose", files=("diagnose/", "slices/"),
           columns=("failure_mode", "evidence", "n_models_wrong", "n_models_agree_wrong",
-                   "hardness_rank_mean", "slice_id"),
+                   "hardness_rank_mean", "slice_id", "human_p_given", "human_entropy",
+                   "human_majority"),
           prefixes=("cause_", "dx_", "iq_"), requires=("classify",),
-          stamp="classify's, perturb's and finetune's stamps, its options, the --with runs"),
+          stamp="classify's, perturb's and finetune's stamps, its options, the --with runs, "
+                "the --soft-labels file's sha256"),
     Stage("report", files=("report.html",), requires=("classify",),
           stamp="the stamps of every stage it shows"),
     Stage("explore", files=("explorer.html",), requires=("classify",),

@@ -26,12 +26,20 @@ Rules (each documented with the reasoning behind its cut; quantile options are t
                  `ratio`) and together make at least half the neighbours. ratio = 0.5: odds
                  of at most 2:1, i.e. the head's and the neighbours' evidence cannot tell the
                  two classes apart beyond a 2:1 bet.
+                 With --soft-labels the people's vote is a second, independent reason: at
+                 most 1/(1 + ratio) of the people chose the given label AND the human
+                 entropy is at least H(1/(1 + ratio), ratio/(1 + ratio)), the entropy of a
+                 two-class vote at those same 2:1 odds (ln 3 - 2/3 ln 2 = 0.64 nats at
+                 ratio 0.5; `human_entropy_cut`). That is the lowest entropy any vote whose
+                 given label holds no more than 2:1 can have, so a 5/5 split passes, a
+                 10/0 vote for another class (a label error, entropy 0) does not, and a vote
+                 of 80% for the given label does not however its rest is spread.
     atypical     the example's class-density percentile (its mean similarity to the nearest
                  train examples of its class, as a percentile of the same quantity for that
                  class's train examples, leave-one-out) is below `atypical_quantile`.
     model_error  the primary head is wrong AND the label is supported: the kNN vote names it
                  or a strict majority of the non-primary signals names it, and the human
-                 majority (when given) names it.
+                 majority (when the file has a row for the example) names it.
     fragile      the primary head is right on the clean image AND at least one corruption
                  flips it at the mildest severity computed by perturb.
     low_quality  any image-statistic flag (scoring.image_quality: Tukey far-out fences of
@@ -104,6 +112,23 @@ def ambiguous_rule(p1, p2, n1, n2, k, *, ratio: float = 0.5) -> np.ndarray:
     lo, hi = np.minimum(n1, n2), np.maximum(n1, n2)
     share = np.divide(lo, hi, out=np.zeros_like(lo), where=hi > 0)
     return (p1 + p2 > 0.5) & (p2 >= ratio * p1) & (share >= ratio) & (n1 + n2 >= k / 2)
+
+
+def human_entropy_cut(ratio: float = 0.5) -> float:
+    """Nats: the entropy of a two-class vote at odds 1 : ratio (0.637 at ratio 0.5); see the
+    module docstring's `ambiguous`."""
+    a, b = 1 / (1 + ratio), ratio / (1 + ratio)
+    return float(-(a * np.log(a) + b * np.log(b)))
+
+
+def human_ambiguous_rule(human_p_given, human_entropy, *, ratio: float = 0.5) -> np.ndarray:
+    """True = the people cannot tell the classes apart beyond `ratio`'s odds: at most
+    1/(1 + ratio) of them chose the given label and their entropy (nats; higher = more
+    disagreement) is at least human_entropy_cut(ratio). NaN (no human row) -> False."""
+    pg = np.nan_to_num(np.asarray(human_p_given, float), nan=1.0)
+    ent = np.nan_to_num(np.asarray(human_entropy, float), nan=0.0)
+    eps = 1e-9  # a 2:1 vote given as counts lands on the cut up to rounding
+    return (pg <= 1 / (1 + ratio) + eps) & (ent >= human_entropy_cut(ratio) - eps)
 
 
 def class_density_percentile(sim_ref: np.ndarray, ref_labels, sim: np.ndarray, labels,

@@ -5,8 +5,9 @@ classify stored (and perturb's and finetune's columns when present, and the runs
 `with_runs`), applies the rules of causes.py and writes
 
     RUN_DIR/diagnose/summary.json   counts per cause / class / split, thresholds, label-error
-                                    estimate, seconds, notes (also under "diagnose" in
-                                    metrics.json)
+                                    estimate, seconds, notes, and with --soft-labels
+                                    human_vs_model (the model-hard x human-hard 2x2 of
+                                    _human_vs_model) (also under "diagnose" in metrics.json)
     table columns  failure_mode, cause_<cause> (bool), evidence (text), dx_* (the numbers the
                    rules cut: dx_alt_class, dx_votes_for, dx_votes_against, dx_votes_avail,
                    dx_top2_ratio, dx_neighbour_split, dx_density_pct, dx_alt_density_pct), iq_* (image statistics
@@ -33,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from ...config import check_config, option
-from ...core.cache import key_digest
+from ...core.cache import key_digest, sha256_bytes_of
 from ...core.io import read_json, write_json
+from ...data.label_files import human_columns, read_soft_labels
 from ...rundir.layout import FIT_SPLIT, primary_head, require
 from ...rundir.run import load_run
 from ...scoring import image_quality
@@ -61,6 +63,11 @@ class DiagnoseConfig:
     images: bool = option(True, help="read the images for the image-quality statistics")
     slices: bool = option(True, help="find the slices of the test split where the primary head "
                           "fails far more than on their class (RUN_DIR/slices/, slice_id)")
+    soft_labels: str | None = option(None, help="human label counts or distributions per "
+                                     "example (.npy N x C in dataset order, or .csv/.parquet "
+                                     "with an id or path column; see data/label_files.py): adds "
+                                     "human_p_given, human_entropy (nats), human_majority")
+    soft_labels_split: str = option("test", help="the split --soft-labels describes")
     seed: int = option(0, help="seed (recorded; the rules are deterministic)")
     batch_size: int = option(256, help="images per batch when reading images")
     num_workers: int = option(0, help="DataLoader workers reading images")
@@ -108,8 +115,27 @@ def _key(run, cfg: DiagnoseConfig) -> str:
     the options, so a rerun with the same options gets the same stamp whether or not the
     table already holds them."""
     st = run.stamps()
+    soft = sha256_bytes_of(Path(cfg.soft_labels)) if cfg.soft_labels else None
     return key_digest({"classify": st.get("classify"), "perturb": st.get("perturb"),
-                       "finetune": st.get("finetune"), "options": _options(cfg)})
+                       "finetune": st.get("finetune"), "options": _options(cfg),
+                       "soft_labels": soft})  # the file's contents: editing it re-runs
+
+
+def _with_human(run, split: str, cfg, df: pd.DataFrame) -> pd.DataFrame:
+    """df plus human_p_given, human_entropy (nats), human_majority (-1: no human row) from
+    --soft-labels, for the split it describes. On other splits (or with no file) the human_*
+    columns an earlier diagnose wrote are dropped: stale outputs, not a human vote."""
+    if not cfg.soft_labels or split != cfg.soft_labels_split:
+        return df.drop(columns=[c for c in HUMAN_COLUMNS if c in df])
+    soft = read_soft_labels(cfg.soft_labels, df, len(run.class_names),
+                            class_names=run.class_names)
+    hum = human_columns(df, soft, df["label"].to_numpy())
+    hum["human_p_majority"] = np.nanmax(np.where(np.isfinite(soft), soft, -np.inf), axis=1)
+    hum.loc[hum["human_majority"] < 0, "human_p_majority"] = np.nan  # for the evidence only
+    log.info("diagnose: --soft-labels matched %d of %d %s examples",
+             int((hum["human_majority"] >= 0).sum()), len(df), split)
+    df = df.drop(columns=[c for c in hum.columns if c != "id" and c in df])
+    return df.merge(hum, on="id", how="left")
 
 
 def _options(cfg: DiagnoseConfig) -> dict:
@@ -119,6 +145,7 @@ def _options(cfg: DiagnoseConfig) -> dict:
     return opts
 
 
+HUMAN_COLUMNS = ("human_p_given", "human_entropy", "human_majority")
 SLICE_SPLIT = "test"  # slices are fitted and held out within this split
 
 
@@ -201,7 +228,7 @@ def _signals(df: pd.DataFrame, split: str, primary: str, others: dict) -> dict:
 
 
 def _diagnose_split(run, split, cfg, probs, primary, others, quality) -> pd.DataFrame:
-    df = run.split_examples(split)
+    df = _with_human(run, split, cfg, run.split_examples(split))
     y = df["label"].to_numpy()
     n = len(df)
     pred = df[f"pred_{primary}"].to_numpy()
@@ -235,12 +262,23 @@ def _diagnose_split(run, split, cfg, probs, primary, others, quality) -> pd.Data
     lo, hi = np.minimum(n1, n2), np.maximum(n1, n2)
     out["dx_neighbour_split"] = np.divide(lo, hi, out=np.zeros(n), where=hi > 0)
     out["dx_density_pct"], out["dx_alt_density_pct"] = dens, dens_alt
+    for c in HUMAN_COLUMNS:  # --soft-labels' columns (NaN / -1 on the other splits)
+        out[c] = df[c].to_numpy() if c in df else (-1 if c == "human_majority" else np.nan)
     ctx = dict(names=run.class_names, y=y, pred=pred, primary=primary, c1=c1, c2=c2, p1=p1,
                p2=p2, n1=n1, n2=n2, k=k, nb=nb, sig=sig, flips=flips, mildest=mildest,
                flip_names=_flip_columns(df), limits=quality[1], cfg=cfg,
-               label_quality=df.get("label_quality"))
+               label_quality=df.get("label_quality"), human=_human_ctx(df))
     out["evidence"] = evidence_strings(out, ctx)
     return out
+
+
+def _human_ctx(df: pd.DataFrame):
+    """(majority (N,), its share (N,), share for the given label (N,)) for the evidence
+    strings, or None without --soft-labels on this split."""
+    if "human_majority" not in df:
+        return None
+    return (df["human_majority"].fillna(-1).to_numpy(np.int64),
+            df["human_p_majority"].to_numpy(float), df["human_p_given"].to_numpy(float))
 
 
 def _densities(run, split, cfg, probs, y, alt):
@@ -265,11 +303,17 @@ def _flags(df, split, cfg, primary, sig, wrong, known, nb, k, votes, top, dens, 
              else np.zeros(len(df), bool))
     rest = {s: v for s, v in sig.items() if s != primary}
     _, _, against_o, avail_o = causes.vote_alternative(y, rest)
-    human = (df["human_majority"].to_numpy() == y) if "human_majority" in df else None
+    human, amb_h = None, np.zeros(len(df), bool)
+    if "human_majority" in df:  # a row the file lacks (-1) neither vetoes nor supports
+        hm = df["human_majority"].fillna(-1).to_numpy(np.int64)
+        human = (hm == y) | (hm < 0)
+        amb_h = causes.human_ambiguous_rule(df["human_p_given"], df["human_entropy"],
+                                            ratio=cfg.ambiguous_ratio)
     return {
         "label_error": causes.label_error_rule(issue, n_for, n_against, n_avail, dens, dens_alt,
                                                 cfg.atypical_quantile),
-        "ambiguous": causes.ambiguous_rule(p1, p2, n1, n2, k, ratio=cfg.ambiguous_ratio),
+        "ambiguous": causes.ambiguous_rule(p1, p2, n1, n2, k, ratio=cfg.ambiguous_ratio)
+        | amb_h,
         "atypical": causes.atypical_rule(dens, cfg.atypical_quantile),
         "model_error": causes.model_error_rule(wrong, (nb == y[:, None]).sum(1) * 2 > k,
                                                against_o, avail_o, human),
@@ -333,8 +377,10 @@ def _summary(run, table, probs, cfg, primary, others, quality) -> dict:
                        "atypical_quantile": cfg.atypical_quantile,
                        "density_k": cfg.density_k or run.config.k,
                        "quality_fence": cfg.quality_fence,
+                       "human_entropy_cut": causes.human_entropy_cut(cfg.ambiguous_ratio),
                        "quality_limits": quality[1]},
         "image_quality": quality[0] is not None,
+        "human_vs_model": _human_vs_model(run, table, primary, cfg),
         "notes": ["label_issue is cleanlab's candidate flag, not a verdict; label_error needs "
                   "it and the agreement of several out-of-sample signals",
                   "model heads (this run's and --with runs') do not vote on the train split: "
@@ -342,6 +388,38 @@ def _summary(run, table, probs, cfg, primary, others, quality) -> dict:
                   f"atypical: by construction about {cfg.atypical_quantile:.0%} of each "
                   "class's train examples fall below the density cut"],
     }
+
+
+HARD_CELLS = ("both", "model_only", "people_only", "neither")
+N_CELL_EXAMPLES = 4  # ids kept per cell of human_vs_model, hardest first, for the report
+
+
+def _human_vs_model(run, table: pd.DataFrame, primary: str, cfg) -> dict | None:
+    """The --soft-labels split's examples with a human row in a 2x2 of model-hard (the
+    primary head predicts another class than the given label) by human-hard (fewer than half
+    the people chose the given label, human_p_given < 0.5), with up to N_CELL_EXAMPLES ids
+    per cell (highest hardness first). None without --soft-labels."""
+    if not cfg.soft_labels or "human_p_given" not in table:
+        return None
+    cols = ["id", "split", "label", f"pred_{primary}"]
+    ex = run.examples[cols + ["hardness"] if "hardness" in run.examples else cols].merge(
+        table[["id", "human_p_given"]], on="id")
+    ex = ex[(ex["split"] == cfg.soft_labels_split) & ex["human_p_given"].notna()
+            & ex[f"pred_{primary}"].notna()]
+    if "hardness" in ex:
+        ex = ex.sort_values("hardness", ascending=False, kind="stable")
+    model = (ex[f"pred_{primary}"].to_numpy() != ex["label"].to_numpy())
+    people = ex["human_p_given"].to_numpy(float) < 0.5
+    cells = dict(zip(HARD_CELLS, (model & people, model & ~people, ~model & people,
+                                  ~model & ~people)))
+    return {"split": cfg.soft_labels_split, "n": len(ex),
+            "model_hard": f"the primary head ({primary}) predicts a class other than the "
+                          "given label",
+            "human_hard": "fewer than half the people chose the given label "
+                          "(human_p_given < 0.5)",
+            "counts": {c: int(m.sum()) for c, m in cells.items()},
+            "examples": {c: [str(i) for i in ex["id"].to_numpy()[m][:N_CELL_EXAMPLES]]
+                         for c, m in cells.items()}}
 
 
 def _label_error_estimate(run, split, probs, head, d) -> dict:

@@ -13,7 +13,28 @@ def _name(names, c) -> str:
     return names[c] if 0 <= c < len(names) else str(c)
 
 
+def _people(i: int, x) -> str:
+    """'; people: 90% say cat (10% dog, the given label)' from --soft-labels, '' without a
+    human row for the example."""
+    h = x.get("human")
+    if h is None or h[0][i] < 0:
+        return ""
+    maj, p_maj, p_given = h[0][i], h[1][i], h[2][i]
+    txt = f"; people: {p_maj:.0%} say {_name(x['names'], maj)}"
+    if maj != x["y"][i]:
+        txt += f" ({p_given:.0%} {_name(x['names'], x['y'][i])}, the given label)"
+    return txt
+
+
 def _one(i: int, cause: str, out, x) -> str:
+    text = _one_cause(i, cause, out, x)
+    return text + _people(i, x) if cause in HUMAN_CAUSES and text else text
+
+
+HUMAN_CAUSES = ("label_error", "ambiguous", "model_error")  # the rules the human vote feeds
+
+
+def _one_cause(i: int, cause: str, out, x) -> str:
     names, y, k = x["names"], x["y"], x["k"]
     given = _name(names, y[i])
     if cause == "label_error":
