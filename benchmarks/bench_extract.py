@@ -59,8 +59,9 @@ def baseline(model_name: str, folder: Path, batch_size: int, workers: int) -> fl
     from torchvision import datasets, transforms
     bb = create_backbone(model_name, random_init=True)
     p = bb.preprocess
-    tf = transforms.Compose([transforms.Resize(p.resize_size), transforms.CenterCrop(p.crop_size),
-                             transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
+    geometric = ([transforms.Resize(p.resize_size)] if p.resize_size else []) + (
+        [transforms.CenterCrop(p.crop_size)] if p.crop_size else [])  # CIFAR nets: neither
+    tf = transforms.Compose(geometric + [transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf),
                                          batch_size=batch_size, num_workers=workers)
     model = bb.model.eval()
@@ -87,7 +88,7 @@ def roof(model_name: str, n: int, batch_size: int, precision: str) -> float:
     """Forward alone on ready, normalised tensors: the most extraction can reach."""
     bb = create_backbone(model_name, random_init=True)
     bb.model.to(memory_format=torch.channels_last)
-    size = bb.preprocess.output_size
+    size = bb.preprocess.output_size or 32  # None: the CIFAR nets take the image as it is
     x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else _null()
     with torch.inference_mode(), ctx:
