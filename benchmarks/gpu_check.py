@@ -110,25 +110,33 @@ def best_seconds(fn, dev, repeats: int) -> float:
     return best
 
 
-def phase_knn(plan: dict, dev: torch.device, k: int = 20, repeats: int = 2) -> dict:
+def knn_row(train, query, k: int, precision: str, dev, repeats: int) -> dict:
     """Best-of-`repeats` seconds of kneighbors (after one warm-up) and of one matmul."""
+    knn = KNNClassifier(k=k, precision=precision, device=str(dev)).fit(
+        train, np.zeros(len(train), dtype=int), n_classes=1)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    q, t = torch.from_numpy(query).to(dev, dtype), torch.from_numpy(train).to(dev, dtype)
+    out = torch.empty(len(q), len(t), dtype=dtype, device=dev)
+
+    def mm():
+        torch.mm(q, t.T, out=out)
+
+    def ours():
+        knn.kneighbors(query)
+
+    ours(), mm()  # warm-up
+    s_ours, s_mm = best_seconds(ours, dev, repeats), best_seconds(mm, dev, repeats)
+    return {"seconds": s_ours, "matmul_seconds": s_mm, "ratio": s_ours / s_mm}
+
+
+def phase_knn(plan: dict, dev: torch.device, k: int = 20, repeats: int = 2) -> dict:
+    """kNN vs matmul on random unit vectors, per precision (fp32; bf16 where fast)."""
     nq, nt, d = plan["knn"]
     g = torch.Generator().manual_seed(0)
     train = torch.nn.functional.normalize(torch.randn(nt, d, generator=g), dim=1).numpy()
     query = torch.nn.functional.normalize(torch.randn(nq, d, generator=g), dim=1).numpy()
-    rows = {}
-    for precision in [p for p in precisions(dev) if p != "fp16"]:
-        knn = KNNClassifier(k=k, precision=precision, device=str(dev)).fit(
-            train, np.zeros(nt, dtype=int), n_classes=1)
-        dtype = torch.float32 if precision == "fp32" else torch.bfloat16
-        q, t = torch.from_numpy(query).to(dev, dtype), torch.from_numpy(train).to(dev, dtype)
-        out = torch.empty(nq, nt, dtype=dtype, device=dev)
-        mm = lambda: torch.mm(q, t.T, out=out)  # noqa: E731
-        ours = lambda: knn.kneighbors(query)  # noqa: E731
-        ours(), mm()  # warm-up
-        s_ours, s_mm = best_seconds(ours, dev, repeats), best_seconds(mm, dev, repeats)
-        rows[precision] = {"seconds": s_ours, "matmul_seconds": s_mm, "ratio": s_ours / s_mm}
-        del knn, q, t, out
+    rows = {p: knn_row(train, query, k, p, dev, repeats)
+            for p in precisions(dev) if p != "fp16"}
     return {"queries": nq, "train": nt, "dims": d, "k": k, "best_of": repeats, "rows": rows}
 
 
@@ -148,7 +156,8 @@ def phase_gradcam(plan: dict, dev: torch.device) -> dict:
 
 def line_extraction(r: dict) -> str:
     parts = [f"{p} {v:,.0f} img/s -> {r['projected_s_60000'][p]:.1f} s for 60,000 "
-             f"({'under' if r['under_60s'][p] else 'OVER'} 60 s)" for p, v in r["images_per_s"].items()]
+             f"({'under' if r['under_60s'][p] else 'OVER'} 60 s)"
+             for p, v in r["images_per_s"].items()]
     return (f"extraction {r['model']}@{r['input']}, batch {r['batch']}, {r['n']} synthetic uint8 "
             f"32x32 images/precision: " + "; ".join(parts))
 
@@ -175,7 +184,8 @@ def describe_device(dev: torch.device) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (always on without CUDA)")
-    ap.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu")
+    ap.add_argument("--device", default="auto",
+                    help="auto (cuda if available, else cpu), cuda, cpu")
     ap.add_argument("--out", help="write every figure to this JSON file")
     args = ap.parse_args(argv)
     dev = resolve_device(args.device)
@@ -185,14 +195,15 @@ def main(argv=None) -> int:
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     print(f"device: {describe_device(dev)}; mode {'quick' if quick else 'full'}; torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; python {platform.python_version()}",
-          flush=True)
+          f"{torch.__version__}, {torch.get_num_threads()} threads; python "
+          f"{platform.python_version()}", flush=True)
     result = {"device": str(dev), "device_name": describe_device(dev), "quick": quick,
               "torch": torch.__version__, "python": platform.python_version(),
               "machine": platform.platform(), "cores": os.cpu_count(), "errors": {}}
     t_all = time.perf_counter()
-    for name, phase, line in (("extraction", phase_extraction, line_extraction),
-                              ("knn", phase_knn, line_knn), ("gradcam", phase_gradcam, line_gradcam)):
+    phases = (("extraction", phase_extraction, line_extraction), ("knn", phase_knn, line_knn),
+              ("gradcam", phase_gradcam, line_gradcam))
+    for name, phase, line in phases:
         t0 = time.perf_counter()
         try:
             result[name] = phase(plan, dev)

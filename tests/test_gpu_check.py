@@ -34,8 +34,8 @@ def test_quick_run_on_cpu_writes_positive_figures(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(ROOT / "src")] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
         "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--out", str(out)]
+    proc = subprocess.run(cmd, check=False, cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "device: cpu" in proc.stdout
