@@ -181,6 +181,12 @@ def describe_device(dev: torch.device) -> str:
     return f"{dev.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def write(path, result: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (always on without CUDA)")
@@ -214,11 +220,9 @@ def main(argv=None) -> int:
             traceback.print_exc(limit=3, file=sys.stderr)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    result["wall_s"] = time.perf_counter() - t_all
+        result["wall_s"] = time.perf_counter() - t_all
+        write(args.out, result)  # after every phase: a run cut short keeps what it measured
     print(f"total {result['wall_s']:.1f} s; {len(result['errors'])} phase(s) failed", flush=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
     return 1 if result["errors"] else 0
 
 
