@@ -35,23 +35,26 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def make_images(root: Path, n: int) -> Path:
-    """n CIFAR-sized JPEGs as an ImageFolder tree: the shared ones if present, else noise."""
-    tar = SHARED / "data" / "cifar10-jpeg" / "test.tar"
+def make_images(root: Path, n: int, split: str = "test") -> Path:
+    """n CIFAR-sized JPEGs of `split` as an ImageFolder tree <root>/<split>/<class>/: the
+    shared ones (n/10 per class) if present, else noise in 10 classes."""
+    tar = SHARED / "data" / "cifar10-jpeg" / f"{split}.tar"
     if tar.exists():
         with tarfile.open(tar) as t:
-            members = [m for m in t.getmembers() if m.isfile()]
-            per_class = -(-n // 10)
-            keep = [m for c in sorted({m.name.split("/")[1] for m in members})
-                    for m in [m for m in members if m.name.split("/")[1] == c][:per_class]][:n]
+            by_class: dict[str, list] = {}
+            for m in t.getmembers():
+                if m.isfile():
+                    by_class.setdefault(m.name.split("/")[1], []).append(m)
+            per = -(-n // len(by_class))
+            keep = [m for c in sorted(by_class) for m in by_class[c][:per]][:n]
             t.extractall(root, members=keep, filter="data")
-        return root / "test"
-    rng = np.random.default_rng(0)
+        return root / split
+    rng = np.random.default_rng(0 if split == "test" else 1)
     for i in range(n):
-        d = root / "test" / f"c{i % 10}"
+        d = root / split / f"c{i % 10}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root / "test"
+    return root / split
 
 
 def baseline(model_name: str, folder: Path, batch_size: int, workers: int) -> float:

@@ -21,60 +21,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bench_extract import baseline, roof
+from bench_extract import baseline, make_images, roof
+from bench_knn import machine as knn_machine
 from hardprobe import pipeline
 from hardprobe.config import build_config
 from hardprobe.core.device import default_num_workers
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OUT = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> str:
-    """'<lscpu model name>; flags: avx2 avx512_bf16 ...' (the ones that change the figures)."""
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU (no lscpu)"
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
-                  if ln.startswith("Model name")), "unknown CPU")
-    flags = set(text.split())
-    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
-    return f"{model}; {os.cpu_count()} cores; flags: {' '.join(have) or 'none of avx2/avx512/amx'}"
-
-
-def make_split(root: Path, split: str, n: int) -> Path:
-    """n images of `split` as <root>/<split>/<class>/*.jpg: the shared JPEGs (n/10 per class)
-    when present, else 32x32 noise in 10 classes."""
-    tar = SHARED / "data" / "cifar10-jpeg" / f"{split}.tar"
-    if tar.exists():
-        with tarfile.open(tar) as t:
-            by_class: dict[str, list] = {}
-            for m in t.getmembers():
-                if m.isfile():
-                    by_class.setdefault(m.name.split("/")[1], []).append(m)
-            per = -(-n // len(by_class))
-            keep = [m for c in sorted(by_class) for m in by_class[c][:per]][:n]
-            t.extractall(root, members=keep, filter="data")
-        return root / split
-    rng = np.random.default_rng(0 if split == "train" else 1)
-    for i in range(n):
-        d = root / split / f"c{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
-    return root / split
+    """'<lscpu model>; N cores; flags: ...' from bench_knn.machine (the flags that matter)."""
+    m = knn_machine()
+    return f"{m['model']}; {m['cpus']} cores; flags: {' '.join(m['flags']) or 'none'}"
 
 
 def timed_run(cfg) -> dict[str, float]:
@@ -144,7 +110,7 @@ def main() -> None:
         args.model, args.train, args.test = "cifar_resnet20", 500, 200
     tmp = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:
-        train, test = make_split(tmp, "train", args.train), make_split(tmp, "test", args.test)
+        train, test = make_images(tmp, args.train, "train"), make_images(tmp, args.test, "test")
         n = args.train + args.test
         workers = default_num_workers()
         loop = n / sum(k / baseline(args.model, folder, args.batch_size, workers)

@@ -37,6 +37,7 @@ from hardprobe.backbones import create_backbone
 from hardprobe.core.device import cpu_has_bf16_units, resolve_device
 from hardprobe.heads import KNNClassifier
 from hardprobe.stages.explain.cams import throughput
+from hardprobe.stages.extract.engines import AUTOCAST_DTYPES
 
 TARGET_IMAGES, TARGET_SECONDS = 60_000, 60.0
 
@@ -62,10 +63,9 @@ def precisions(dev: torch.device) -> list[str]:
 
 
 def autocast(dev: torch.device, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(dev.type, dtype=dtype)
+    """The autocast the extract stage's torch engine uses for this precision."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
 
 
 def extraction_rate(bb, images: torch.Tensor, batch: int, dev, precision: str) -> float:

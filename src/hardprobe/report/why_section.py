@@ -92,8 +92,8 @@ def _label_errors(d: dict) -> str:
                     num_cols=range(1, 6)))
 
 
-HARD_CELLS = {"both": ("wrong", "fewer than half"), "model_only": ("wrong", "half or more"),
-              "people_only": ("right", "fewer than half"), "neither": ("right", "half or more")}
+HARD_CELLS = {"both": ("yes", "yes"), "model_only": ("yes", "no"),  # (model-hard, human-hard);
+              "people_only": ("no", "yes"), "neither": ("no", "no")}  # definitions: the entry's
 
 
 def _human_vs_model(ctx, d: dict) -> str:
@@ -114,7 +114,7 @@ def _human_vs_model(ctx, d: dict) -> str:
             f'<p class="caption">The {esc(h.get("split"))} examples the --soft-labels file '
             f"describes ({fmt(h.get('n'))}). Model-hard: {esc(h.get('model_hard'))}. "
             f"Human-hard: {esc(h.get('human_hard'))}. Hardest examples first.</p>"
-            + table(["cell", "primary head", "people choosing the given label", "examples",
+            + table(["cell", "model-hard", "human-hard", "examples",
                      "e.g."], rows, num_cols=(3,)))
 
 

@@ -28,6 +28,7 @@ from ...errors import ConfigError
 log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "openvino", "auto")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32 / int8: no autocast
 
 
 def openvino_version() -> str | None:
@@ -94,7 +95,7 @@ class TorchEngine:
     name: str = "torch"
 
     def __call__(self, x: torch.Tensor):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         autocast = (torch.autocast(self.device.type, dtype=dtype)
                     if dtype is not None else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
