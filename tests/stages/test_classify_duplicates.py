@@ -6,17 +6,19 @@ that memorisation would hide), and a test cat that is a shifted copy of a train 
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import make_folder
 from PIL import Image
 
 from hardprobe import load_run, pipeline
-from hardprobe.config import build_config
+from hardprobe.config import build_config, load_config
 
 TWINS = ("train/dog/twin_a.png", "train/dog/twin_b.png")
 SOURCE = "train/cat/img_000.png"
@@ -113,3 +115,36 @@ def test_the_stored_probabilities_are_the_ones_the_table_was_scored_with(runs, d
             np.testing.assert_allclose(p[np.arange(len(y)), y], part[f"prob_true_{head}"],
                                        rtol=1e-6, atol=1e-7)
             assert (p.argmax(1) == part[f"pred_{head}"]).all(), (split, head)
+
+
+def test_a_classify_rerun_reads_the_stored_pair_search(runs, monkeypatch):
+    """Other heads, same images: the table comes from RUN_DIR/duplicates/, not a new search;
+    a changed thumbnail (other key) searches again and finds the same groups."""
+    from hardprobe.stages import classify as classify_mod
+    from hardprobe.stages import duplicate_groups
+
+    run = runs[True]
+    before = run.examples[["id", "duplicate_group", "train_duplicate"]]
+    calls = []
+    real = duplicate_groups.find_duplicates
+    monkeypatch.setattr(duplicate_groups, "find_duplicates",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cfg = dataclasses.replace(load_config(run.path / "config.yaml"), k=2)  # other heads
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classify_mod.classify(run.path, cfg, progress=False)
+    assert calls == []
+    after = load_run(run.path).examples[["id", "duplicate_group", "train_duplicate"]]
+    pd.testing.assert_frame_equal(after.reset_index(drop=True), before.reset_index(drop=True))
+    grey = np.load(run.path / "duplicates" / "grey32.npy")
+    splits = run.examples["split"].to_numpy().astype(str)
+    key = duplicate_groups.search_key(grey, splits)
+    grey[0, 0, 0] ^= 1  # one pixel of one thumbnail: another key
+    assert duplicate_groups.search_key(grey, splits) != key
+    (run.path / "duplicates" / "table_key.json").write_text('{"key": "stale"}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        classify_mod.classify(run.path, cfg, progress=False)
+    assert calls == [1]
+    again = load_run(run.path).examples[["id", "duplicate_group", "train_duplicate"]]
+    pd.testing.assert_frame_equal(again.reset_index(drop=True), before.reset_index(drop=True))
