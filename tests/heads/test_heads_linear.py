@@ -188,3 +188,24 @@ def test_groups_stay_inside_one_fold():
                 assert seen.setdefault(g, f) == f
     with pytest.raises(ValueError, match="groups must be"):
         cross_val_predict_proba(LinearProbe(), X, y, groups=np.zeros(5, dtype=int))
+
+
+def test_folds_in_parallel_give_the_serial_answer_and_leave_torch_threads_alone():
+    import torch
+
+    from hardprobe.heads import fold_jobs
+    X, y = make_classification(**HARD)
+    before = torch.get_num_threads()
+    serial, full_1 = cross_val_predict_proba(LinearProbe(), X, y, n_folds=4,
+                                             return_estimator=True, n_jobs=1)
+    parallel, full_3 = cross_val_predict_proba(LinearProbe(), X, y, n_folds=4,
+                                               return_estimator=True, n_jobs=3)
+    assert torch.get_num_threads() == before
+    np.testing.assert_array_equal(parallel, serial)  # same fits, only run side by side
+    np.testing.assert_array_equal(full_3.coef_, full_1.coef_)
+    np.testing.assert_array_equal(full_1.coef_, LinearProbe().fit(X, y).coef_)
+    # one per core, within the memory budget (12 bytes a value), at most folds + 1
+    assert fold_jobs(5000, 2048, 5, cores=2) == 2
+    assert fold_jobs(5000, 2048, 5, cores=16) == 6
+    assert fold_jobs(48000, 2048, 5, cores=16) == 1  # 1.2 GB a fit: over the 1 GiB budget
+    assert fold_jobs(48000, 2048, 5, cores=16, budget_bytes=4 << 30) == 3

@@ -4,7 +4,7 @@ Heads know no torch models or datasets. All follow the scikit-learn estimator AP
 accept fit(X, y, n_classes=None) so a class absent from train still gets a column.
 """
 from .knn import KNNClassifier
-from .linear import LinearProbe, cross_val_predict_proba
+from .linear import LinearProbe, cross_val_predict_proba, fold_jobs
 from .mlp import MLPHead
 
-__all__ = ["KNNClassifier", "LinearProbe", "MLPHead", "cross_val_predict_proba"]
+__all__ = ["KNNClassifier", "LinearProbe", "MLPHead", "cross_val_predict_proba", "fold_jobs"]

@@ -10,12 +10,15 @@ divided by C * N so the numbers stay O(1) whatever N is (same minimiser):
 
 With two classes sklearn fits one weight vector w (sigmoid) instead of two softmax rows;
 at the optimum W = [-w/2, w/2], so ||W||^2 = ||w||^2 / 2 and we double the penalty to
-keep the same minimiser. Full-batch L-BFGS with strong-Wolfe line search, float64.
+keep the same minimiser. Full-batch L-BFGS with strong-Wolfe line search, float64,
+preconditioned by the features' top directions (heads/_lbfgs.py: same minimiser, 11x fewer
+iterations on random-init ResNet-50 features).
 
 Speed (the probe is memory-bound: each evaluation streams the (N, D) features twice): the
 loss and its gradient are written out by hand, the backward as (P - Y)^T @ Z, which reads Z
 row-major (twice as fast as autograd's Z^T @ G on a 5,000 x 2,048 float64 matrix), with
-no graph kept, and its small L-BFGS vector ops run on one thread (threads=1). Warm starts
+no graph kept, and its small L-BFGS vector ops run on one thread (threads=1), so
+cross_val_predict_proba fits folds side by side, one per core (n_jobs). Warm starts
 across folds were measured and dropped: from the full-data fit a fold took 88 L-BFGS
 iterations against 91 from zero (2,000 x 512 CNN-like features), and the answer moved by
 1e-3 in probability, since the gradient tolerance leaves that much play on flat problems.
@@ -23,7 +26,9 @@ iterations against 91 from zero (2,000 x 512 CNN-like features), and the answer 
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -33,6 +38,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from sklearn.utils.validation import check_is_fitted
 
 from ..errors import HeadError
+from ._lbfgs import fit_multinomial
 from ._arrays import (
     _check_features,
     _check_labels,
@@ -46,6 +52,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
 
     C: inverse l2 strength, as in sklearn (larger C = weaker penalty). max_iter: L-BFGS
     iterations. tol: stop when max |gradient| of the mean-form objective is below it.
+    precondition: rank of the preconditioner built from the features' top directions (0 =
+    plain L-BFGS); it changes the path, not the minimiser (heads/_lbfgs.py: 11x fewer
+    iterations on random-init ResNet-50 features).
     standardize: StandardScaler semantics (train mean/std, zero-variance features keep
     scale 1). device: torch device. seed: stored for API symmetry; the fit is deterministic
     (zero init, full batch), so it does not change the result. threads: torch CPU threads
@@ -60,8 +69,9 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, *, C=1.0, max_iter=1000, tol=1e-6, standardize=True, device="cpu", seed=0,
-                 threads=1):
+                 threads=1, precondition=256):
         self.C, self.max_iter, self.tol = C, max_iter, tol  # the solver's stopping rule
+        self.precondition = precondition  # rank of the preconditioner (heads/_lbfgs.py)
         self.threads = threads
         self.standardize = standardize
         self.device = device
@@ -137,31 +147,12 @@ class LinearProbe(ClassifierMixin, BaseEstimator):
         return W.cpu().numpy(), b.cpu().numpy()
 
     def _lbfgs_from(self, Z, target, n_present):
-        n, d = Z.shape
         # 0.5 / (C N) is sklearn's penalty in mean form; binary doubles it (module docstring).
-        pen = (1.0 if n_present == 2 else 0.5) / (self.C * n)
-        W = torch.zeros(n_present, d, dtype=Z.dtype, device=Z.device)
-        b = torch.zeros(n_present, dtype=Z.dtype, device=Z.device)
+        pen = (1.0 if n_present == 2 else 0.5) / (self.C * len(Z))
         onehot = torch.nn.functional.one_hot(target, n_present).to(Z.dtype)  # (N, P)
-        max_eval = 5 * self.max_iter  # line-search evaluations; iterations are the budget
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=self.max_iter, max_eval=max_eval,
-                                tolerance_grad=self.tol, tolerance_change=1e-12,
-                                history_size=20, line_search_fn="strong_wolfe")
-
-        def closure():
-            # Loss and gradient by hand: no autograd graph, the backward reads Z row-major.
-            logits = torch.addmm(b, Z, W.T)  # (N, P)
-            lse = torch.logsumexp(logits, 1, keepdim=True)  # (N, 1)
-            loss = (lse.sum() - (logits * onehot).sum()) / n + pen * W.pow(2).sum()
-            G = logits.sub_(lse).exp_().sub_(onehot).div_(n)  # (N, P) d loss / d logits
-            W.grad = torch.mm(G.T, Z).add_(W, alpha=2 * pen)
-            b.grad = G.sum(0)
-            return loss
-
-        opt.step(closure)
-        state = opt.state[opt._params[0]]
-        self.n_iter_ = int(state.get("n_iter", 0))
-        capped = self.n_iter_ >= self.max_iter or state.get("func_evals", 0) >= max_eval
+        W, b, self.n_iter_, capped = fit_multinomial(Z, onehot, pen, tol=self.tol,
+                                                     max_iter=self.max_iter,
+                                                     rank=self.precondition)
         return W, b, capped
 
 
@@ -178,7 +169,7 @@ def _torch_threads(n):
 
 
 def cross_val_predict_proba(probe, X, y, *, n_folds=5, seed=0, n_classes=None, groups=None,
-                            return_estimator=False):
+                            return_estimator=False, n_jobs=1):
     """Out-of-fold probabilities (N, n_classes): row i comes from a clone of `probe`
     fitted on the folds that do not contain i. Folds: StratifiedKFold(n_folds,
     shuffle=True, random_state=seed), or StratifiedGroupKFold with the same arguments when
@@ -187,18 +178,50 @@ def cross_val_predict_proba(probe, X, y, *, n_folds=5, seed=0, n_classes=None, g
     its twin). Works with any estimator whose fit accepts n_classes= (LinearProbe,
     KNNClassifier). n_classes: None means max(y) + 1.
 
-    return_estimator=True also fits a clone on all rows and returns (oof, model).
+    n_jobs: folds fitted at once, in threads (torch and numpy release the GIL; the answer is
+    the same as one at a time). A LinearProbe's `threads` then applies to the whole pool, so
+    each fit runs on its own core: its fit is memory-bound and single-threaded by default,
+    so 2 folds at once on 2 cores take about half the time (fold_jobs picks n_jobs by cores
+    and memory). return_estimator=True also fits a clone on all rows and returns
+    (oof, model), in the same pool.
     """
     X = _check_features(X, "X")
     y = _check_labels(y, len(X))
     n_classes = _resolve_n_classes(y, n_classes)
     oof = np.full((len(X), n_classes), np.nan)
-    for train, test in _folds(X, y, n_folds, seed, groups):
-        model = clone(probe).fit(X[train], y[train], n_classes=n_classes)
-        oof[test] = model.predict_proba(X[test])
-    if not return_estimator:
-        return oof
-    return oof, clone(probe).fit(X, y, n_classes=n_classes)
+    tasks = list(_folds(X, y, n_folds, seed, groups))
+    if return_estimator:
+        tasks.append((np.arange(len(X)), None))
+    fitted = _fit_all(probe, X, y, n_classes, [train for train, _ in tasks], n_jobs)
+    for model, (_, test) in zip(fitted, tasks):
+        if test is not None:
+            oof[test] = model.predict_proba(X[test])
+    return (oof, fitted[-1]) if return_estimator else oof
+
+
+def _fit_all(probe, X, y, n_classes, trains, n_jobs):
+    """[clone(probe) fitted on X[t], y[t] for t in trains], n_jobs at a time."""
+    def fit(train, est):
+        return est.fit(X[train], y[train], n_classes=n_classes)
+
+    n_jobs = max(1, min(int(n_jobs), len(trains)))
+    if n_jobs == 1:
+        return [fit(t, clone(probe)) for t in trains]
+    # torch's thread count is process-wide: set it once for the pool, not per fit (two fits
+    # restoring each other's setting would leave it wrong)
+    threads = probe.get_params().get("threads")
+    est = clone(probe).set_params(threads=None) if threads is not None else clone(probe)
+    with _torch_threads(threads), ThreadPoolExecutor(n_jobs) as pool:
+        return list(pool.map(fit, trains, [clone(est) for _ in trains]))
+
+
+def fold_jobs(n_rows, n_features, n_folds, *, cores=None, budget_bytes=1 << 30):
+    """How many linear-probe folds to fit at once: one per core, as many as the budget
+    holds (each fit keeps a float32 copy of its rows and their float64 standardised copy,
+    12 bytes a value), and never more than the folds plus the full fit."""
+    cores = cores or os.cpu_count() or 1
+    per_fit = 12 * n_rows * n_features
+    return int(max(1, min(cores, n_folds + 1, budget_bytes // max(per_fit, 1))))
 
 
 def _folds(X, y, n_folds, seed, groups):

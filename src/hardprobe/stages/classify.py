@@ -16,7 +16,7 @@ from ..core.io import write_json
 from ..core.stats import softmax
 from ..data.datasets import EXAMPLE_COLUMNS
 from ..errors import ConfigError
-from ..heads import KNNClassifier, LinearProbe, cross_val_predict_proba
+from ..heads import KNNClassifier, LinearProbe, cross_val_predict_proba, fold_jobs
 from ..rundir.heads import heads_current, save_heads, save_probs
 from ..rundir.layout import FIT_SPLIT, STAGES
 from ..rundir.run import Run, load_run
@@ -171,11 +171,13 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, 
         fitted["knn"] = KNNClassifier(**knn.get_params())
         del knn
     if "linear" in cfg.heads:
-        probe = LinearProbe(C=cfg.linear_c, seed=cfg.seed)
-        probs["linear"] = {FIT_SPLIT: cross_val_predict_proba(
-            probe, fit_x, fit_y, n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes,
-            groups=groups)}
-        probe.fit(fit_x, fit_y, n_classes=n_classes)
+        dev = _head_device(cfg)  # float64 L-BFGS: on the GPU when the run has one
+        jobs = 1 if dev != "cpu" else fold_jobs(len(fit_x), fit_x.shape[1], cfg.folds)
+        oof, probe = cross_val_predict_proba(
+            LinearProbe(C=cfg.linear_c, seed=cfg.seed, device=dev), fit_x, fit_y,
+            n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes, groups=groups,
+            return_estimator=True, n_jobs=jobs)  # the folds and the full fit, `jobs` at once
+        probs["linear"] = {FIT_SPLIT: oof}
         fitted["linear"] = probe
         for s in others:
             probs["linear"][s] = probe.predict_proba(run.features(s))
