@@ -120,8 +120,6 @@ class TorchEngine:
             reason = (str(e).strip().splitlines() or [""])[0][:300]
             warnings.warn(f"--compile: torch.compile failed ({type(e).__name__}: {reason}); "
                           f"running eager instead", RuntimeWarning, stacklevel=3)
-            log.warning("torch.compile failed (%s: %s); extract runs eager",
-                        type(e).__name__, reason)
             self.compile, self._compiled = False, None
             return self.backbone(x)
 
