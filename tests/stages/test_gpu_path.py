@@ -279,3 +279,36 @@ def test_compile_matches_eager_on_cpu():
     assert eng.compile is True and eng._compiled is not None
     np.testing.assert_allclose(e, eager[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(lg, eager[1], rtol=1e-5, atol=1e-6)
+
+
+def test_device_path_on_cuda_pins_source_images_and_uploads_non_blocking(
+        tiny_backbone, tiny_folder, monkeypatch):
+    import numpy as np
+
+    import hardprobe.stages.extract.features as F
+    from hardprobe.data.datasets import collate_ragged, collate_skipping, load_imagefolder
+    split = load_imagefolder(*tiny_folder).splits["test"]
+    made = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_loader(dataset, **kw):
+        made.append((dataset, kw))
+        raise Stop
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", fake_loader)
+    cuda = torch.device("cuda")
+    for resize_on in ("device", "workers"):
+        with pytest.raises(Stop):
+            F._forward_indices(tiny_backbone, split, np.arange(4), cuda, None, 4, 2, True,
+                               None, resize_on)
+    (ds_d, kw_d), (ds_w, kw_w) = made
+    assert ds_d.transform is None and kw_d["collate_fn"] is collate_ragged  # decode only
+    assert ds_w.transform == tiny_backbone.preprocess.geometric
+    assert kw_w["collate_fn"] is collate_skipping
+    assert kw_d["pin_memory"] and kw_w["pin_memory"]  # cuda: pinned host batches
+    parts = [mock.Mock(), mock.Mock()]
+    assert F.upload(parts, cuda) == [p.to.return_value for p in parts]
+    for p in parts:
+        p.to.assert_called_once_with(cuda, non_blocking=True)
