@@ -314,3 +314,19 @@ def test_device_path_on_cuda_pins_source_images_and_uploads_non_blocking(
     assert F.upload(parts, cuda) == [p.to.return_value for p in parts]
     for p in parts:
         p.to.assert_called_once_with(cuda, non_blocking=True)
+
+
+def test_extract_compile_reaches_the_torch_engine(tiny_backbone, tiny_folder, tmp_path,
+                                                  monkeypatch):
+    import numpy as np
+
+    from hardprobe.data.datasets import load_imagefolder
+    from hardprobe.stages.extract.features import extract_split
+    split = load_imagefolder(*tiny_folder).splits["test"]
+    kw = dict(device="cpu", batch_size=4, num_workers=0, progress=False)
+    eager, _ = extract_split(tiny_backbone, split, cache_dir=tmp_path / "e", **kw)
+    wrapped = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: wrapped.append(fn) or fn)
+    comp, _ = extract_split(tiny_backbone, split, cache_dir=tmp_path / "c", compile=True, **kw)
+    assert wrapped == [tiny_backbone]  # compiled once per split, the backbone's forward
+    np.testing.assert_array_equal(comp["embedding"], eager["embedding"])
