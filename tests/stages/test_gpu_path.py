@@ -50,7 +50,6 @@ MIXED_SIZES = [(32, 32), (40, 28), (17, 50), (64, 48), (40, 28), (25, 25)]  # (W
 def _mixed_folder(root):
     """test/<class>/<image>: 3 classes x 6 images of mixed sizes (two share 40x28)."""
     import numpy as np
-
     from conftest import CLASS_COLORS, make_image
     rng = np.random.default_rng(3)
     for c, color in CLASS_COLORS.items():
@@ -123,8 +122,8 @@ def test_resize_on_device_gives_the_workers_features_and_key(tiny_backbone, tmp_
     np.testing.assert_array_equal(a["embedding"], b["embedding"])  # same pixels: same floats
     np.testing.assert_array_equal(a["logits"], b["logits"])
     assert ea.digest == eb.digest  # not in the key: the features are the same
-    c, _ = extract_split(bb, split, cache_dir=tmp_path / "d", resize_on="auto", **kw)
-    assert len(calls) == 5  # a cache hit: auto on the CPU is workers, the same entry
+    _, ec = extract_split(bb, split, cache_dir=tmp_path / "d", resize_on="auto", **kw)
+    assert len(calls) == 5 and ec.digest == ea.digest  # a hit: auto on the CPU is workers
 
 
 def test_resize_on_auto_is_device_on_cuda_only(tiny_backbone, tiny_folder, tmp_path,
@@ -288,7 +287,11 @@ def test_device_path_on_cuda_pins_source_images_and_uploads_non_blocking(
     import numpy as np
 
     import hardprobe.stages.extract.features as F
-    from hardprobe.data.datasets import collate_ragged, collate_skipping, load_imagefolder
+    from hardprobe.data.datasets import (
+        collate_ragged,
+        collate_skipping,
+        load_imagefolder,
+    )
     split = load_imagefolder(*tiny_folder).splits["test"]
     made = []
 
