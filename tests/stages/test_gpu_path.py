@@ -50,6 +50,7 @@ MIXED_SIZES = [(32, 32), (40, 28), (17, 50), (64, 48), (40, 28), (25, 25)]  # (W
 def _mixed_folder(root):
     """test/<class>/<image>: 3 classes x 6 images of mixed sizes (two share 40x28)."""
     import numpy as np
+
     from conftest import CLASS_COLORS, make_image
     rng = np.random.default_rng(3)
     for c, color in CLASS_COLORS.items():
@@ -287,11 +288,7 @@ def test_device_path_on_cuda_pins_source_images_and_uploads_non_blocking(
     import numpy as np
 
     import hardprobe.stages.extract.features as F
-    from hardprobe.data.datasets import (
-        collate_ragged,
-        collate_skipping,
-        load_imagefolder,
-    )
+    from hardprobe.data.datasets import collate_ragged, collate_skipping, load_imagefolder
     split = load_imagefolder(*tiny_folder).splits["test"]
     made = []
 
