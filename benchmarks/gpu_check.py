@@ -8,11 +8,17 @@ weights only (nothing is downloaded: speed does not depend on the weights) and s
 inputs, so it runs offline. Each phase is timed after a warm-up and fails on its own: an
 error prints one line and the other phases still run.
   extraction  random uint8 CIFAR-sized (32x32) images, already in memory (no JPEG decoding),
-              resized and normalised on the device by the backbone's Preprocess, then the
-              forward (channels_last, no grad): img/s in fp32, bf16 autocast (where the
-              device has bf16 units) and fp16 autocast (CUDA); the projected seconds for
-              60,000 images (CIFAR-10 train + test) against the 60 s target. Higher img/s is
-              better.
+              uploaded at their source size, resized and normalised on the device by the
+              backbone's Preprocess (extract's resize_on=device), then the forward
+              (channels_last, no grad): img/s in fp32, bf16 autocast (where the device has
+              bf16 units) and fp16 autocast (CUDA); the projected seconds for 60,000 images
+              (CIFAR-10 train + test) against the 60 s target. Higher img/s is better.
+              preprocess_images_per_s: the two resize_on paths of extract without the
+              forward, img/s of upload + resize/crop + normalise: device (the source uint8
+              uploaded, resized there) and workers (each image resized on the CPU, here in
+              this one process, as one DataLoader worker does; runs spread it over
+              num_workers processes). 32x32 sources are upsampled, so the workers path
+              uploads more bytes here than it does for photos larger than the model input.
   knn         KNNClassifier(k=20).kneighbors on random unit vectors (fit excluded) against one
               torch.mm of the same shape and precision: seconds and ours / matmul (1.0 is
               the roof; higher is slower).
@@ -84,6 +90,25 @@ def extraction_rate(bb, images: torch.Tensor, batch: int, dev, precision: str) -
     return len(images) / (time.perf_counter() - t0)
 
 
+def preprocess_rate(pre, images: torch.Tensor, batch: int, dev, resize_on: str) -> float:
+    """img/s of extract's preprocessing alone: uint8 (N, 3, 32, 32) -> normalised float on
+    the device, resized there (resize_on="device") or per image on the CPU ("workers")."""
+    def run(chunk):
+        if resize_on == "workers":
+            x = torch.stack([pre.geometric(im) for im in chunk]).to(dev, non_blocking=True)
+        else:
+            x = pre.geometric_batch(chunk.to(dev, non_blocking=True))
+        return pre.normalize(x)
+    with torch.inference_mode():
+        run(images[:batch])  # warm-up
+        sync(dev)
+        t0 = time.perf_counter()
+        for i in range(0, len(images), batch):
+            run(images[i:i + batch])
+        sync(dev)
+    return len(images) / (time.perf_counter() - t0)
+
+
 def phase_extraction(plan: dict, dev: torch.device) -> dict:
     bb = create_backbone(plan["model"], random_init=True, image_size=plan["size"])
     bb.model.to(dev).to(memory_format=torch.channels_last)
@@ -93,10 +118,13 @@ def phase_extraction(plan: dict, dev: torch.device) -> dict:
         images = images.pin_memory()
     rates = {p: extraction_rate(bb, images, plan["batch"], dev, p) for p in precisions(dev)}
     projected = {p: TARGET_IMAGES / r for p, r in rates.items()}
+    pre = {r: preprocess_rate(bb.preprocess, images, plan["batch"], dev, r)
+           for r in ("device", "workers")}
     return {"model": plan["model"], "input": plan["size"], "batch": plan["batch"],
             "n": plan["n"], "inputs": "synthetic random uint8 32x32, in memory (no JPEG decoding)",
             "images_per_s": rates, "projected_s_60000": projected,
-            "under_60s": {p: s < TARGET_SECONDS for p, s in projected.items()}}
+            "under_60s": {p: s < TARGET_SECONDS for p, s in projected.items()},
+            "preprocess_images_per_s": pre}
 
 
 def best_seconds(fn, dev, repeats: int) -> float:
@@ -158,8 +186,11 @@ def line_extraction(r: dict) -> str:
     parts = [f"{p} {v:,.0f} img/s -> {r['projected_s_60000'][p]:.1f} s for 60,000 "
              f"({'under' if r['under_60s'][p] else 'OVER'} 60 s)"
              for p, v in r["images_per_s"].items()]
+    pre = r["preprocess_images_per_s"]
     return (f"extraction {r['model']}@{r['input']}, batch {r['batch']}, {r['n']} synthetic uint8 "
-            f"32x32 images/precision: " + "; ".join(parts))
+            f"32x32 images/precision: " + "; ".join(parts) + f"; preprocessing alone: resize "
+            f"on the device {pre['device']:,.0f} img/s, on the CPU (one worker) "
+            f"{pre['workers']:,.0f} img/s")
 
 
 def line_knn(r: dict) -> str:

@@ -47,6 +47,8 @@ def test_quick_run_on_cpu_writes_positive_figures(tmp_path):
         assert _positive(rate)
         assert ext["projected_s_60000"][p] == pytest.approx(60_000 / rate)
         assert ext["under_60s"][p] == (ext["projected_s_60000"][p] < 60)
+    pre = ext["preprocess_images_per_s"]
+    assert set(pre) == {"device", "workers"} and all(map(_positive, pre.values()))
     assert r["knn"]["rows"]["fp32"]["ratio"] > 0
     for row in r["knn"]["rows"].values():
         assert row["ratio"] == pytest.approx(row["seconds"] / row["matmul_seconds"])

@@ -86,6 +86,14 @@ class RunConfig:
         "torch", choices=("torch", "openvino", "auto"),
         help="inference engine of extract: torch, openvino (CPU), or auto (openvino on a CPU "
              "when it is installed, else torch)")
+    resize_on: str = option(
+        "auto", choices=("workers", "device", "auto"),
+        help="where extract resizes and crops: workers (DataLoader workers, uint8 at the model "
+             "size), device (workers only decode; the uint8 source images are uploaded and "
+             "resized on the device), or auto (device on cuda, else workers); same features")
+    compile: bool = option(
+        False, help="torch.compile the torch engine's forward (eager, with a warning, when it "
+                    "cannot compile); same features within float tolerance")
     batch_size: int = option(128, help="images per forward pass")
     num_workers: int | None = option(
         None, help="DataLoader workers (default: cores - 1, at most 8)")

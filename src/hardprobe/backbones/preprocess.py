@@ -2,8 +2,9 @@
 
 One small, serialisable description (resize, crop, mean, std) that works on a single
 uint8 image tensor (C, H, W) or on a batch (N, C, H, W), so the same object can run per
-image in DataLoader workers or once per batch on the device. Its `describe()` dict is
-part of the feature-cache key: change any field and cached features are recomputed.
+image in DataLoader workers or once per batch on the device (`geometric_batch` also takes
+a list of images of mixed source sizes). Its `describe()` dict is part of the feature-cache
+key: change any field and cached features are recomputed.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,28 @@ class Preprocess:
         if self.crop_size is not None:
             x = TF.center_crop(x, [self.crop_size])
         return x
+
+    def geometric_batch(self, images: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """geometric() of a whole batch where the images are (the device, for resize_on=device):
+        uint8 (N, C, H, W), or a list of uint8 (C, H, W) of mixed source sizes (ImageFolder
+        trees) -> uint8 (N, C, S, S) in the list's order. Images of one source size are
+        resized together. Equal bit for bit to geometric() per image on the CPU: torchvision
+        resizes each image of a batch on its own (tests/stages/test_gpu_path.py)."""
+        if isinstance(images, torch.Tensor):
+            return self.geometric(images)
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for j, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(j)
+        out: list[torch.Tensor | None] = [None] * len(images)
+        for rows in groups.values():
+            for j, y in zip(rows, self.geometric(torch.stack([images[j] for j in rows]))):
+                out[j] = y
+        shapes = sorted({tuple(y.shape) for y in out})
+        if len(shapes) > 1:
+            raise DataError(f"images of different sizes {shapes[:3]} cannot be batched: this "
+                            f"model's preprocessing does not resize and crop them to one size; "
+                            f"pass --image-size N")
+        return torch.stack(out)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 -> float32 (x / 255 - mean) / std in one batched step, on x's device."""

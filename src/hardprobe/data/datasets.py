@@ -74,17 +74,34 @@ class SplitDataset(torch.utils.data.Dataset):
 
 def collate_skipping(batch):
     """-> (x (B_ok, ...) or None, rows of x (B_ok,) int64, [(row, error)] of the failed items)."""
-    ok = [(x, i) for x, i, err in batch if not err]
-    failed = [(i, err) for _, i, err in batch if err]
+    ok, rows, failed = _ok_rows_failed(batch)
     if not ok:
-        return None, torch.empty(0, dtype=torch.int64), failed
+        return None, rows, failed
     try:
-        x = torch.stack([x for x, _ in ok])
+        x = torch.stack(ok)
     except RuntimeError as e:  # images of different sizes and no resize/crop to unify them
-        shapes = sorted({tuple(x.shape) for x, _ in ok})
+        shapes = sorted({tuple(x.shape) for x in ok})
         raise DataError(f"images of different sizes {shapes[:3]} cannot be batched: this model's "
                         f"preprocessing does not resize; pass --image-size N") from e
-    return x, torch.tensor([i for _, i in ok], dtype=torch.int64), failed
+    return x, rows, failed
+
+
+def collate_ragged(batch):
+    """collate_skipping for images decoded at their source size (extract's resize_on=device):
+    x is one (B_ok, 3, H, W) tensor when every image has the same size (CIFAR), else the list
+    of the B_ok (3, H, W) tensors, for `Preprocess.geometric_batch` to resize on the device."""
+    ok, rows, failed = _ok_rows_failed(batch)
+    if not ok:
+        return None, rows, failed
+    same = all(x.shape == ok[0].shape for x in ok)
+    return (torch.stack(ok) if same else ok), rows, failed
+
+
+def _ok_rows_failed(batch) -> tuple[list[torch.Tensor], torch.Tensor, list[tuple[int, str]]]:
+    """SplitDataset items -> (the decoded tensors, their rows (int64), [(row, error)])."""
+    ok = [x for x, _, err in batch if not err]
+    rows = torch.tensor([i for _, i, err in batch if not err], dtype=torch.int64)
+    return ok, rows, [(i, err) for _, i, err in batch if err]
 
 
 # ---------------------------------------------------------------- decoding

@@ -11,13 +11,15 @@ or None) as float32 numpy, the same pair as `Backbone.forward`.
     falls back to torch with a warning;
   - cpu without openvino -> torch, logged.
 `--precision int8` needs openvino and nncf (`pip install hardprobe[openvino]`); it is never
-chosen by auto.
+chosen by auto. `--compile` runs the torch engine's forward through torch.compile, and eager
+with a warning when it cannot compile (no C compiler, an unsupported op).
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
 import logging
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -88,19 +90,38 @@ class _Pair(torch.nn.Module):
 
 @dataclass
 class TorchEngine:
-    """Eager torch forward (autocast bf16 / fp16 when precision is bf16 / fp16)."""
+    """Torch forward (autocast bf16 / fp16 when precision is bf16 / fp16), eager or, with
+    compile=True, through torch.compile. A compilation that fails (at the first batch, or at a
+    later batch shape) warns once with the reason and runs eager from then on: the batch is
+    redone eagerly, so an error that is not the compiler's is raised by eager itself."""
     backbone: object
     device: torch.device
     precision: str
     name: str = "torch"
+    compile: bool = False
+    _compiled: object = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor):
         dtype = AUTOCAST_DTYPES.get(self.precision)
         autocast = (torch.autocast(self.device.type, dtype=dtype)
                     if dtype is not None else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            e, lg = self.backbone(x.contiguous(memory_format=torch.channels_last))
+            e, lg = self._forward(x.contiguous(memory_format=torch.channels_last))
         return e.float().cpu().numpy(), None if lg is None else lg.float().cpu().numpy()
+
+    def _forward(self, x: torch.Tensor):
+        if not self.compile:
+            return self.backbone(x)
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.backbone)
+            return self._compiled(x)
+        except Exception as e:  # noqa: BLE001 - any compiler failure; eager re-raises real ones
+            reason = (str(e).strip().splitlines() or [""])[0][:300]
+            warnings.warn(f"--compile: torch.compile failed ({type(e).__name__}: {reason}); "
+                          f"running eager instead", RuntimeWarning, stacklevel=3)
+            self.compile, self._compiled = False, None
+            return self.backbone(x)
 
 
 @dataclass
@@ -153,10 +174,16 @@ def _quantize(ov_model, calibration):
 
 
 def make_engine(backbone, device: torch.device, *, engine: str = "torch",
-                precision: str = "fp32", calibration=None, cache_dir=None):
-    """The engine that extract uses; see the module docstring for the rules of auto."""
+                precision: str = "fp32", calibration=None, cache_dir=None,
+                compile: bool = False):
+    """The engine that extract uses; see the module docstring for the rules of auto.
+    compile applies to the torch engine; with openvino it is ignored, with a warning."""
     name, reason = resolve_engine(engine, device, precision)
-    log.info("extract engine: %s (%s), precision %s", name, reason, precision)
+    log.info("extract engine: %s (%s), precision %s%s", name, reason, precision,
+             ", torch.compile" if compile and name == "torch" else "")
     if name == "torch":
-        return TorchEngine(backbone, device, precision)
+        return TorchEngine(backbone, device, precision, compile=compile)
+    if compile:
+        warnings.warn(f"--compile applies to the torch engine; the {name} engine compiles "
+                      f"its own model, so --compile is ignored", RuntimeWarning, stacklevel=2)
     return OpenVINOEngine(backbone, precision, calibration, cache_dir)

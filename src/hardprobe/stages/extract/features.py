@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 
 import numpy as np
 import torch
@@ -19,12 +20,26 @@ from ...core import distributed
 from ...core.cache import CacheEntry, default_cache_dir
 from ...core.device import default_num_workers, resolve_device, resolve_precision
 from ...core.io import atomic_write_text
-from ...data.datasets import Split, SplitDataset, collate_skipping
+from ...data.datasets import Split, SplitDataset, collate_ragged, collate_skipping
 from ...errors import ConfigError, NonFiniteFeaturesError
 from .engines import engine_tag, make_engine, resolve_engine
 
+log = logging.getLogger(__name__)
+
 # Bump when a change to this module changes what it writes for the same inputs.
 FEATURES_VERSION = 3
+RESIZE_ON = ("workers", "device", "auto")
+
+
+def resolve_resize_on(resize_on: str, device: torch.device) -> str:
+    """-> "workers" (DataLoader workers decode, resize and crop; the device normalises) or
+    "device" (workers only decode; the device resizes, crops and normalises). auto: device on
+    cuda, where the GPU resizes faster than a few CPU workers, else workers."""
+    if resize_on not in RESIZE_ON:
+        raise ConfigError(f"resize_on must be one of {', '.join(RESIZE_ON)}, not {resize_on!r}")
+    if resize_on == "auto":
+        return "device" if device.type == "cuda" else "workers"
+    return resize_on
 
 
 def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits: bool,
@@ -43,6 +58,12 @@ def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits
         key["dtype"] = dtype
     if engine != "torch":  # engine_tag, e.g. openvino-2026.0.0; torch keys stay as they were
         key["engine"] = engine
+    # Not in the key: resize_on, because the device runs the same torchvision resize on the
+    # same uint8 images and gives the workers' pixels bit for bit on the CPU (measured and
+    # tested: torchvision resizes each image of a batch on its own); on a GPU its float
+    # kernels may round a pixel to the next uint8 level, noise of the same kind as the GPU
+    # forward's, and the device is not in the key either. Nor compile (engines.TorchEngine):
+    # torch.compile's outputs equal eager's within float tolerance (tested).
     return key
 
 
@@ -51,14 +72,17 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
                   num_workers: int | None = None, shard_size: int = 4096,
                   dtype: str = "float32", progress: bool = True,
                   ctx: distributed.Context = distributed.SINGLE, engine: str = "torch",
-                  calibration: Split | None = None
-                  ) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
+                  calibration: Split | None = None, resize_on: str = "auto",
+                  compile: bool = False) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
     """Features of every example of `split`, from the cache when present.
 
     dtype: "float32", or "float16" to halve the disk and memory of the embeddings (the
     kNN neighbours change by about 0.05%, see docs/benchmarks.md); logits stay float32.
     engine: torch | openvino | auto (see engines.py); precision int8 quantises on the first
-    images of `calibration` (the train split). ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
+    images of `calibration` (the train split).
+    resize_on: workers | device | auto, where images are resized (see resolve_resize_on).
+    compile: torch.compile the torch engine's forward (eager, with a warning, when it cannot).
+    ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
     missing shards into the same cache entry; rank 0 joins them and returns the arrays,
     the other ranks return (None, entry).
     Returns ({"embedding": (N, D) float32 (or dtype), "logits": (N, C) float32 if with_logits,
@@ -75,7 +99,8 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
         backbone, split, precision=precision, with_logits=with_logits, dtype=dtype,
         engine=engine_tag(eng_name)))
     work = dict(dev=dev, precision=precision, with_logits=with_logits, batch_size=batch_size,
-                engine=eng_name, calibration=calibration,
+                engine=eng_name, calibration=calibration, compile=compile,
+                resize_on=resolve_resize_on(resize_on, dev),
                 num_workers=default_num_workers(ctx) if num_workers is None
                 else num_workers, progress=progress, dtype=dtype)
     if ctx.broadcast(entry.digest) != entry.digest:
@@ -113,7 +138,7 @@ def _plan(entry: CacheEntry, n: int, shard_size: int) -> tuple[int, int, list[in
 
 def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with_logits,
              batch_size, num_workers, progress, dtype, engine="torch", calibration=None,
-             ctx=distributed.SINGLE) -> None:
+             resize_on="workers", compile=False, ctx=distributed.SINGLE) -> None:
     """Forward the rows of `shards` and write each as it finishes."""
     n = len(split)
     ranges = [np.arange(i * shard_size, min(n, (i + 1) * shard_size)) for i in shards]
@@ -130,12 +155,13 @@ def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with
              if precision == "int8" else None)
     runner = make_engine(backbone, dev, engine=engine, precision=precision, calibration=calib,
                          cache_dir=entry.dir.parents[1] / "openvino"
-                         if engine == "openvino" else None)
+                         if engine == "openvino" else None, compile=compile)
+    log.info("extract: resize and crop on the %s", resize_on)
     bar = tqdm(total=total, initial=done, unit="img", disable=not progress or not ctx.main,
                desc=desc)
     for i, idx in zip(shards, ranges):
         arrays = _forward_indices(backbone, split, idx, dev, runner, batch_size,
-                                  num_workers, with_logits, bar)
+                                  num_workers, with_logits, bar, resize_on)
         arrays["embedding"] = arrays["embedding"].astype(dtype, copy=False)
         entry.write_shard(i, index=idx, **arrays)
     bar.close()
@@ -162,25 +188,32 @@ def calibration_batches(backbone, split: Split | None, batch_size: int, n: int =
 
 
 def _forward_indices(backbone, split, idx, dev, runner, batch_size, num_workers, with_logits,
-                     bar) -> dict[str, np.ndarray]:
+                     bar, resize_on="workers") -> dict[str, np.ndarray]:
     """Features of rows idx (a contiguous range). Undecodable images get NaN rows, ok=False and
     their error message, so one bad file never stops or loses a run."""
-    # Workers decode and resize/crop to uint8; the main process normalises whole batches on
-    # the device (a quarter of the bytes to move, one fused op per batch).
+    # workers: they decode and resize/crop to uint8; the main process normalises whole batches
+    # on the device (a quarter of the bytes of float32 to move, one fused op per batch).
+    # device: they only decode; the uint8 source images go up pinned and the device resizes,
+    # crops and normalises (a list per batch when the sources differ in size).
+    on_device = resize_on == "device"
     loader = torch.utils.data.DataLoader(
-        SplitDataset(split, backbone.preprocess.geometric, idx), batch_size=batch_size,
-        num_workers=num_workers, pin_memory=dev.type == "cuda", collate_fn=collate_skipping)
+        SplitDataset(split, None if on_device else backbone.preprocess.geometric, idx),
+        batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda",
+        collate_fn=collate_ragged if on_device else collate_skipping)
     n, start = len(idx), int(idx[0])
     out = {"embedding": np.full((n, backbone.embed_dim), np.nan, np.float32),
            "ok": np.ones(n, bool), "error": np.full(n, "", dtype=object)}
     if with_logits:
         out["logits"] = np.full((n, backbone.num_classes), np.nan, np.float32)
     with torch.inference_mode():
-        for x, rows, failed in loader:  # x: (B, 3, H, W) uint8, rows: (B,) split rows
+        for x, rows, failed in loader:  # x: uint8 (B, 3, H, W) or [(3, H, W)], rows: (B,)
             for i, err in failed:
                 out["ok"][i - start], out["error"][i - start] = False, err
             if x is not None:
-                x = backbone.preprocess.normalize(x.to(dev, non_blocking=True))
+                x = upload(x, dev)
+                if on_device:
+                    x = backbone.preprocess.geometric_batch(x)
+                x = backbone.preprocess.normalize(x)
                 e, lg = runner(x)  # float32 numpy (B, D), (B, C) or None
                 pos = rows.numpy() - start
                 out["embedding"][pos] = e
@@ -189,6 +222,14 @@ def _forward_indices(backbone, split, idx, dev, runner, batch_size, num_workers,
             bar.update(len(rows) + len(failed))
     out["error"] = out["error"].astype(str)  # fixed-width unicode: saved without pickle
     return out
+
+
+def upload(x: torch.Tensor | list[torch.Tensor], dev: torch.device):
+    """A batch (a tensor, or collate_ragged's list of tensors) to `dev`; non_blocking, so a
+    pinned batch's copy overlaps the work queued before it."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dev, non_blocking=True)
+    return [t.to(dev, non_blocking=True) for t in x]
 
 
 def check_finite(arrays: dict[str, np.ndarray], split: Split) -> None:

@@ -54,7 +54,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                       batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                       shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
                                       progress=progress, ctx=ctx, engine=cfg.engine,
-                                      calibration=dataset.splits.get(FIT_SPLIT))
+                                      calibration=dataset.splits.get(FIT_SPLIT),
+                                      resize_on=cfg.resize_on, compile=cfg.compile)
         if not ctx.main:  # rank 0 alone writes the run directory
             continue
         ok = arrays["ok"]
