@@ -86,9 +86,9 @@ def main():
     rows["plain L-BFGS, folds one at a time (before)"] = best_of(
         lambda: ours(x, y, k, a.folds, 0, 1), a.repeat)
     rows["preconditioned, one at a time"] = best_of(
-        lambda: ours(x, y, k, a.folds, 256, 1), a.repeat)
+        lambda: ours(x, y, k, a.folds, 64, 1), a.repeat)
     rows[f"preconditioned, {jobs} folds at once (default)"] = best_of(
-        lambda: ours(x, y, k, a.folds, 256, jobs), a.repeat)
+        lambda: ours(x, y, k, a.folds, 64, jobs), a.repeat)
     if not a.no_sklearn:
         rows["sklearn lbfgs tol=1e-4 (its default)"] = best_of(
             lambda: (sklearn(x, y, k, a.folds, 1e-4), None), a.repeat)
