@@ -168,6 +168,31 @@ def test_faithfulness_is_finite_and_seeded(models):
         faithfulness(bb, x, [0, 1, 2], maps, fraction=1.0)
 
 
+@pytest.mark.parametrize("shape, scattered", [((3, 40, 56), False), ((3, 40, 56), True),
+                                             ((1, 24, 24), True)])
+def test_road_impute_is_the_librarys_imputer(shape, scattered):
+    """road_impute == pytorch-grad-cam's NoisyLinearImputer, bit for bit (same noise draw):
+    a blob of missing pixels touching two borders, or scattered ones (isolated and in
+    clumps)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    keep = np.ones(shape[1:], np.float32)
+    if scattered:
+        keep[rng.random(shape[1:]) < 0.3] = 0
+    else:
+        keep[:15, 30:] = 0  # top-right corner block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the library's np.argwhere(tensor)
+        torch.manual_seed(7)
+        want = NoisyLinearImputer()(img, torch.from_numpy(keep))
+    torch.manual_seed(7)
+    got = explain.road_impute(img, keep)
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, keep == 1], img[:, keep == 1])  # kept pixels untouched
+    assert not torch.equal(got, img)
+
+
 def _old_faithfulness(bb, x, targets, maps, seed, perturbation="road", fraction=0.2):
     """The single-target faithfulness as it was before faithfulness_pair (the reference)."""
     from pytorch_grad_cam.metrics.road import NoisyLinearImputer

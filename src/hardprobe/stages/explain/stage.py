@@ -18,7 +18,9 @@ import cv2
 import numpy as np
 import pandas as pd
 import torch
-from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer, neighbors_weights
+from scipy.sparse import coo_matrix
+from scipy.sparse.linalg import spsolve
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -31,6 +33,8 @@ from ...rundir.layout import primary_head, require
 from ...rundir.run import load_run
 from .cams import (LogitsModel, cam_method, cam_stats, cams_given_pred, linear_head,
                    resolve_layer, throughput)
+
+ROAD_NEIGHBOURS = neighbors_weights  # ((dy, dx), weight) of the 8 neighbours, the library's
 
 __all__ = ["explain_run", "faithfulness", "faithfulness_pair", "model_input_view", "pred_column",
            "CamError"]
@@ -150,13 +154,56 @@ def _remove_top(img: torch.Tensor, cam: np.ndarray, k: int, how: str,
     order = np.lexsort((ties, -np.asarray(cam, np.float64).ravel()))
     keep = np.ones(height * width, np.float32)
     keep[order[:k]] = 0  # 1 = keep, 0 = remove
-    keep = torch.from_numpy(keep.reshape(height, width))
+    keep = keep.reshape(height, width)
     if how == "road":
-        with warnings.catch_warnings():  # it calls np.argwhere on tensors (numpy 2 deprecation)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return NoisyLinearImputer()(img, keep)
+        return road_impute(img, keep)
     mean = img.mean(dim=(1, 2), keepdim=True)
-    return torch.where(keep.bool(), img, mean)
+    return torch.where(torch.from_numpy(keep).bool(), img, mean)
+
+
+def road_impute(img: torch.Tensor, keep: np.ndarray, noise: float = 0.01) -> torch.Tensor:
+    """pytorch-grad-cam's ROAD NoisyLinearImputer()(img, keep), the same numbers (the same
+    sparse system, solver and noise draw) built 2x faster: the system matrix goes straight
+    to CSC instead of through a lil_matrix (~60 ms per 224 x 224 image alone).
+    img (C, H, W) float; keep (H, W): 1 = keep, 0 = impute from the neighbours."""
+    flat = img.reshape(img.shape[0], -1)  # (C, H*W)
+    missing = np.flatnonzero(keep.reshape(-1) == 0)
+    system, rhs = _road_system(keep, img.numpy())
+    res = torch.tensor(spsolve(system, rhs), dtype=torch.float)  # (M, C), M = missing pixels
+    if res.dim() == 1:  # spsolve drops the channel axis of a 1-channel image
+        res = res[:, None]
+    out = flat.clone()
+    out[:, missing] = res.t() + noise * torch.randn_like(res.t())  # the library's noise draw
+    return out.reshape_as(img)
+
+
+def _road_system(keep: np.ndarray, img: np.ndarray):
+    """NoisyLinearImputer.setup_sparse_system with the same arithmetic, in CSC: each missing
+    pixel = the weighted mean of its 8 neighbours (missing ones unknowns, known ones on the
+    right-hand side). Returns (A (M, M) csc with sorted indices, b (M, C))."""
+    maskflt = keep.reshape(-1)
+    imgflat = img.reshape(img.shape[0], -1)
+    indices = np.flatnonzero(maskflt == 0)
+    vidx = np.zeros(len(maskflt), dtype=int)
+    vidx[indices] = np.arange(len(indices))
+    m = len(indices)
+    b, sum_neighbors = np.zeros((m, img.shape[0])), np.ones(m)
+    rows, cols, vals = [np.arange(m)], [np.arange(m)], []
+    for offset, weight in ROAD_NEIGHBOURS:
+        valid, coords = NoisyLinearImputer.add_offset_to_indices(indices, offset, keep.shape)
+        coords, ids = coords[valid], np.flatnonzero(valid)
+        known = maskflt[coords] > 0.5
+        b[ids[known], :] -= weight * imgflat[:, coords[known]].T
+        unknown = maskflt[coords] < 0.5
+        rows.append(ids[unknown])
+        cols.append(vidx[coords[unknown]])
+        vals.append(np.full(int(unknown.sum()), weight))
+        sum_neighbors[~valid] -= weight
+    vals.insert(0, -sum_neighbors)
+    a = coo_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                   shape=(m, m)).tocsc()
+    a.sort_indices()
+    return a, b
 
 
 # ------------------------------------------------------------------ the stage
