@@ -11,11 +11,12 @@ fastest of each kept: a shared machine's load drifts) in the same process, on th
   old  explain_run(benchmark=True) with the per-batch work done as before issue 16:
        compute_cams(given), faithfulness(given), compute_cams(pred), faithfulness(pred), NCHW
        (each faithfulness: one forward on x, one on the CAM-removed, one on the random-removed
-       images), plus throughput() on the first batch (fast path vs pytorch-grad-cam);
+       images, ROAD by the library's NoisyLinearImputer), plus throughput() on the first batch
+       (fast path vs pytorch-grad-cam);
   new  explain_run() as `hardprobe run` calls it: both targets' CAMs from one forward
        (cams_given_pred), faithfulness_pair reusing its probabilities, the random-map images
-       made and scored once, all perturbed images scored batched in channels_last; no
-       throughput.
+       made and scored once, all perturbed images scored batched in channels_last, ROAD's
+       system built straight to CSC (road_impute); no throughput.
 Prints the machine, per-example seconds of each part (CPU seconds by default, --clock wall
 for wall seconds; the wall total always) and their ratio, and the largest difference between
 the two rows' maps and faithfulness numbers; writes
@@ -32,6 +33,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
 from bench_extract import make_images
 from bench_run import machine
@@ -61,6 +64,13 @@ def old_batch(backbone, x, given, pred, *, seed, fraction, kw, secs) -> dict:
     return out
 
 
+def library_road(img, keep):
+    """ROAD imputation as before: pytorch-grad-cam's NoisyLinearImputer (a lil_matrix system)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return NoisyLinearImputer()(img, torch.from_numpy(keep))
+
+
 class CpuClock:
     """Stands in for the `time` module in stage.py: its perf_counter is this process's CPU
     seconds (all threads), which a shared machine's other jobs inflate far less than wall
@@ -71,10 +81,10 @@ class CpuClock:
 def explain_row(run_dir: Path, old: bool, top: int, batch_size: int, clock: str) -> dict:
     """explain_run's meta.json and maps, the old or the new per-batch path; its seconds (also
     seconds_by_part) in `clock` seconds, "cpu" or "wall"."""
-    saved = stage._explain_batch, stage.time
+    saved = stage._explain_batch, stage.time, stage.road_impute
     try:
         if old:
-            stage._explain_batch = old_batch
+            stage._explain_batch, stage.road_impute = old_batch, library_road
         if clock == "cpu":
             stage.time = CpuClock
         t0 = time.perf_counter()
@@ -82,7 +92,7 @@ def explain_row(run_dir: Path, old: bool, top: int, batch_size: int, clock: str)
                                 progress=False, benchmark=old)
         wall = time.perf_counter() - t0
     finally:
-        stage._explain_batch, stage.time = saved
+        stage._explain_batch, stage.time, stage.road_impute = saved
     meta = json.loads((out / "meta.json").read_text())
     with np.load(out / "cams.npz") as z:
         maps = {k: z[k].astype(np.float32) for k in ("given", "pred")}

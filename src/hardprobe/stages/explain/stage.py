@@ -129,7 +129,7 @@ def _faith_summary(fraction, perturbation, prob, cam, rnd) -> dict:
             "drop_random_each": rnd.tolist()}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def _softmax(model: nn.Module, x: torch.Tensor, *, chunk: int, dev,
              channels_last: bool) -> np.ndarray:
     """(R, K) float32 softmax of model(x), `chunk` images per forward. channels_last: the
