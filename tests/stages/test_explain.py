@@ -225,7 +225,7 @@ def _old_faithfulness(bb, x, targets, maps, seed, perturbation="road", fraction=
 
 
 @pytest.mark.parametrize("perturbation", ["road", "mean"])
-def test_one_forward_pair_equals_the_two_call_path(models, perturbation):
+def test_one_forward_pair_equals_the_two_call_path(models, perturbation, monkeypatch):
     """cams_given_pred == two compute_cams calls; faithfulness_pair == the old two calls,
     with examples whose given and predicted class agree (0, 2) and differ (1, 3)."""
     from hardprobe.stages.explain.cams import cams_given_pred
@@ -244,8 +244,12 @@ def test_one_forward_pair_equals_the_two_call_path(models, perturbation):
     np.testing.assert_allclose(pm, p2, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(probs, torch.softmax(bb(x)[1], 1).numpy(), atol=1e-6)
+    made, remove = [], explain._remove_top
+    monkeypatch.setattr(explain, "_remove_top", lambda *a: made.append(1) or remove(*a))
     gf, pf = explain.faithfulness_pair(bb, x, given, pred, gm, pm, seed=5, probs=probs,
                                        perturbation=perturbation)
+    assert len(made) == 4 + 2 + 4  # given's, pred's where it differs, the random map's once
+    monkeypatch.setattr(explain, "_remove_top", remove)
     for f, tg, mp in ((gf, given, gm), (pf, pred, pm)):
         prob, cam, rnd = _old_faithfulness(bb, x, tg, mp, seed=5, perturbation=perturbation)
         np.testing.assert_allclose(f["prob"], prob, atol=1e-6)
