@@ -280,6 +280,8 @@ class ExplainConfig:
                                    "--no-fast uses the library path")
     device: str = option("auto", help="auto (cuda, mps, cpu) or a torch device")
     batch_size: int = option(16, help="images per backward pass")
+    benchmark: bool = option(False, help="also time the fast path against pytorch-grad-cam "
+                                         "on the first batch (meta.json's throughput)")
 
 
 @dataclass

@@ -168,6 +168,111 @@ def test_faithfulness_is_finite_and_seeded(models):
         faithfulness(bb, x, [0, 1, 2], maps, fraction=1.0)
 
 
+@pytest.mark.parametrize("shape, scattered", [((3, 40, 56), False), ((3, 40, 56), True),
+                                             ((1, 24, 24), True)])
+def test_road_impute_is_the_librarys_imputer(shape, scattered):
+    """road_impute == pytorch-grad-cam's NoisyLinearImputer, bit for bit (same noise draw):
+    a blob of missing pixels touching two borders, or scattered ones (isolated and in
+    clumps)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
+    keep = np.ones(shape[1:], np.float32)
+    if scattered:
+        keep[rng.random(shape[1:]) < 0.3] = 0
+    else:
+        keep[:15, 30:] = 0  # top-right corner block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the library's np.argwhere(tensor)
+        torch.manual_seed(7)
+        want = NoisyLinearImputer()(img, torch.from_numpy(keep))
+    torch.manual_seed(7)
+    got = explain.road_impute(img, keep)
+    assert torch.equal(got, want)
+    assert torch.equal(got[:, keep == 1], img[:, keep == 1])  # kept pixels untouched
+    assert not torch.equal(got, img)
+
+
+def _old_faithfulness(bb, x, targets, maps, seed, perturbation="road", fraction=0.2):
+    """The single-target faithfulness as it was before faithfulness_pair (the reference)."""
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer
+    model = explain.LogitsModel(bb).eval()
+    t = torch.tensor(np.asarray(targets, np.int64))
+    rng = np.random.default_rng(seed)
+    n, height, width = maps.shape
+    k = int(round(fraction * height * width))
+    rand = explain._random_maps(rng, n, height, width, 7)
+
+    def probs(xs):
+        with torch.no_grad():
+            return torch.softmax(model(xs).float(), 1)[torch.arange(n), t].numpy()
+
+    def remove(img, cam):
+        order = np.lexsort((rng.random(height * width), -np.asarray(cam, np.float64).ravel()))
+        keep = np.ones(height * width, np.float32)
+        keep[order[:k]] = 0
+        keep = torch.from_numpy(keep.reshape(height, width))
+        if perturbation == "road":
+            return NoisyLinearImputer()(img, keep)
+        return torch.where(keep.bool(), img, img.mean(dim=(1, 2), keepdim=True))
+
+    prob, drops = probs(x), {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for key, mp in (("cam", maps), ("random", rand)):
+            drops[key] = prob - probs(torch.stack([remove(x[i], mp[i]) for i in range(n)]))
+    return prob, drops["cam"], drops["random"]
+
+
+@pytest.mark.parametrize("perturbation", ["road", "mean"])
+def test_one_forward_pair_equals_the_two_call_path(models, perturbation, monkeypatch):
+    """cams_given_pred == two compute_cams calls; faithfulness_pair == the old two calls,
+    with examples whose given and predicted class agree (0, 2) and differ (1, 3)."""
+    from hardprobe.stages.explain.cams import cams_given_pred
+    bb = models["cifar"]  # confident (random-init, 10 classes): removals move the probability
+    x = batch(bb, 4, seed=1)
+    with torch.no_grad():
+        order = bb(x)[1].argsort(dim=1, descending=True)
+    given = [int(order[i, 0]) for i in range(4)]  # top class: positive evidence, real maps
+    pred = [given[0], int(order[1, 1]), given[2], int(order[3, 2])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CamWarning)
+        gm, pm, probs = cams_given_pred(bb, x, given, pred)
+        g2, p2 = compute_cams(bb, x, given), compute_cams(bb, x, pred)
+    assert (~blank_maps(gm)).sum() >= 2 and not np.allclose(gm[1], pm[1], atol=1e-3)
+    np.testing.assert_allclose(gm, g2, atol=1e-5)
+    np.testing.assert_allclose(pm, p2, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(bb(x)[1], 1).numpy(), atol=1e-6)
+    made, remove = [], explain._remove_top
+    monkeypatch.setattr(explain, "_remove_top", lambda *a: made.append(1) or remove(*a))
+    gf, pf = explain.faithfulness_pair(bb, x, given, pred, gm, pm, seed=5, probs=probs,
+                                       perturbation=perturbation)
+    assert len(made) == 4 + 2 + 4  # given's, pred's where it differs, the random map's once
+    monkeypatch.setattr(explain, "_remove_top", remove)
+    for f, tg, mp in ((gf, given, gm), (pf, pred, pm)):
+        prob, cam, rnd = _old_faithfulness(bb, x, tg, mp, seed=5, perturbation=perturbation)
+        np.testing.assert_allclose(f["prob"], prob, atol=1e-6)
+        np.testing.assert_allclose(f["drop_cam_each"], cam, atol=1e-5)
+        np.testing.assert_allclose(f["drop_random_each"], rnd, atol=1e-5)
+        assert np.abs(cam).max() > 1e-6  # the perturbations change the probabilities
+        one = explain.faithfulness(bb, x, tg, mp, seed=5, perturbation=perturbation)
+        np.testing.assert_allclose(one["drop_random_each"], rnd, atol=1e-5)
+
+
+def test_cams_given_pred_library_path_falls_back(models):
+    from hardprobe.stages.explain.cams import cams_given_pred
+    bb = models["cifar"]
+    x = batch(bb, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CamWarning)
+        gm, pm, probs = cams_given_pred(bb, x, [0, 1], [2, 1], fast=False)
+        np.testing.assert_allclose(pm, compute_cams(bb, x, [2, 1], fast=False), atol=1e-6)
+    assert probs is None and gm.shape == pm.shape == (2, 32, 32)
+    with pytest.raises(CamError, match="1 targets for a batch of 2"):
+        cams_given_pred(bb, x, [0], [1])
+
+
 # ------------------------------------------------------------------ guards
 def test_target_list_must_match_the_batch(models):
     bb = models["cifar"]
@@ -303,7 +408,10 @@ def test_explain_run_end_to_end(tiny_folder, tmp_path, monkeypatch):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["method"] == "gradcam" and meta["layer"] == "layer3" and meta["fast_path"]
     assert meta["n"] == 5 and meta["score_head"].startswith("linear")
-    assert meta["throughput"]["max_abs_diff"] < 1e-5 and meta["images_per_s"] > 0
+    assert meta["throughput"].startswith("not measured") and meta["images_per_s"] > 0
+    assert set(meta["seconds_by_part"]) == {"images", "cams", "faithfulness", "throughput",
+                                            "save"}
+    assert meta["seconds_by_part"]["throughput"] == 0
     for key in ("given", "pred"):
         f = meta["faithfulness"][key]
         assert np.isfinite([f["drop_cam"], f["drop_random"]]).all() and f["n"] == 5
@@ -316,6 +424,10 @@ def test_explain_run_end_to_end(tiny_folder, tmp_path, monkeypatch):
     assert (logits.argmax(1).numpy() == t["pred_linear"]).all()
     p = torch.softmax(logits, 1).numpy()[np.arange(len(t)), t["label"].to_numpy()]
     np.testing.assert_allclose(p, t["prob_true_linear"], rtol=1e-4, atol=1e-6)
+    again = explain.explain_run(run_dir, top=5, batch_size=3, progress=False, benchmark=True)
+    meta2 = json.loads((again / "meta.json").read_text())
+    assert meta2["throughput"]["max_abs_diff"] < 1e-5 and meta2["throughput"]["batch"] == 3
+    assert meta2["faithfulness"] == meta["faithfulness"]  # timing it changes no number
     picked = explain._select(run.examples, [hardest["id"].iloc[2]], top=16, split="test")
     assert picked["id"].tolist() == [hardest["id"].iloc[2]]
     with pytest.raises(CamError, match="unknown example ids"):

@@ -165,6 +165,13 @@ def compute_cams(backbone, x: torch.Tensor, targets, *, method: str = "gradcam",
 
 def _fast_gradcam(model, module, name, reshape, x, targets) -> np.ndarray:
     """Raw Grad-CAM (N, h, w) = sum_c mean_hw(dS/dA_c) * A_c, S = logits[i, targets[i]]."""
+    logits, acts = _fast_forward(model, module, name, x)
+    return _gradcam_from(logits, acts, targets, reshape, name)
+
+
+def _fast_forward(model, module, name, x) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward where the layer's output A (returned) is the only tensor needing a gradient:
+    logits (N, K) with the graph from A kept, so several targets can be differentiated."""
     store = {}
 
     def hook(out):
@@ -176,13 +183,19 @@ def _fast_gradcam(model, module, name, reshape, x, targets) -> np.ndarray:
     with _hooked(module, model, hook) as calls, torch.enable_grad(), _requires_grad(model, False):
         logits = model(x)  # (N, K)
     _check_calls(len(calls), name)
+    return logits, store["A"]
+
+
+def _gradcam_from(logits, acts, targets, reshape, name, keep_graph=False) -> np.ndarray:
+    """Raw Grad-CAM (N, h, w) of `targets` from _fast_forward's logits and layer output.
+    keep_graph: the graph survives, for another target's gradient."""
     _check_targets(targets, logits.shape[1])
-    score = logits[torch.arange(len(x)), torch.as_tensor(targets)].sum()
-    grad = (torch.autograd.grad(score, store["A"], allow_unused=True)[0]
+    score = logits[torch.arange(len(logits)), torch.as_tensor(targets)].sum()
+    grad = (torch.autograd.grad(score, acts, allow_unused=True, retain_graph=keep_graph)[0]
             if score.requires_grad else None)
     if grad is None:
         raise _no_gradient(name)
-    acts = store["A"].detach()
+    acts = acts.detach()
     if reshape is not None:  # ViT: (N, T, C) tokens -> (N, C, h, w), prefix tokens dropped
         acts, grad = reshape(acts), reshape(grad)
     if acts.dim() != 4:
@@ -191,6 +204,40 @@ def _fast_gradcam(model, module, name, reshape, x, targets) -> np.ndarray:
     weights = grad.float().mean(dim=(2, 3))  # (N, C)
     cam = (weights[:, :, None, None] * acts.float()).sum(dim=1)  # (N, h, w)
     return cam.cpu().numpy()
+
+
+def cams_given_pred(backbone, x: torch.Tensor, given, pred, *, method: str = "gradcam",
+                    layer: str | None = None, fast: bool = True, device="cpu",
+                    head: nn.Module | None = None):
+    """CAMs of two targets per image -> (given_maps, pred_maps, probs): compute_cams(x, given)
+    and compute_cams(x, pred) from ONE forward on the fast Grad-CAM path (two gradients of
+    the same graph; examples whose two targets agree reuse the given map). probs (N, K)
+    float32: the softmax of that forward's logits, for faithfulness; None on the library
+    path, which runs compute_cams twice."""
+    given = np.asarray(given, np.int64).reshape(-1)
+    pred = np.asarray(pred, np.int64).reshape(-1)
+    kw = dict(method=method, layer=layer, fast=fast, device=device, head=head)
+    if not (fast and method == "gradcam") or len(given) != len(x) or len(pred) != len(x):
+        return compute_cams(backbone, x, given, **kw), compute_cams(backbone, x, pred, **kw), None
+    name = backbone.cam_layer if layer is None else layer
+    module = resolve_layer(backbone, name)
+    dev = resolve_device(device)
+    model = LogitsModel(backbone, head).to(dev).eval()
+    x = x.to(dev, torch.float32)
+    logits, acts = _fast_forward(model, module, name, x)
+    differ = np.flatnonzero(given != pred)
+    raw_g = _gradcam_from(logits, acts, given.tolist(), backbone.cam_reshape, name,
+                          keep_graph=len(differ) > 0)
+    raw_p = raw_g.copy()
+    if len(differ):  # only the rows that differ carry a gradient; the others are dropped
+        raw_p[differ] = _gradcam_from(logits, acts, pred.tolist(), backbone.cam_reshape,
+                                      name)[differ]
+    maps = []
+    for raw in (raw_g, raw_p):
+        maps.append(scale_like_library(raw, x.shape[-2:]))
+        _check_maps(maps[-1], name, method)
+    probs = torch.softmax(logits.detach().float(), dim=1).cpu().numpy()
+    return maps[0], maps[1], probs
 
 
 def _check_targets(targets, n_classes: int) -> None:
