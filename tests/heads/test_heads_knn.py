@@ -607,3 +607,52 @@ def test_exclude_groups_same_in_torch_and_faiss_and_errors():
         a.predict(exclude_self=True, exclude_groups=np.full(90, -2))
     with pytest.raises(ValueError, match=r"k=6 is larger than the 3 .*the largest holds 87"):
         a.predict(exclude_self=True, exclude_groups=np.r_[np.zeros(87, int), -np.ones(3, int)])
+
+
+def test_block_topk_equals_topk_on_wide_rows():
+    from hardprobe.heads._index import _GROUP, block_topk
+    g = torch.Generator().manual_seed(0)
+    for n in (_GROUP * 200, _GROUP * 200 + 7):  # n % _GROUP: the tail columns are candidates
+        block = torch.randn(50, n, generator=g)
+        block[0, -1] = 10.0  # the largest value in the tail (or the last group)
+        sims, ids = block_topk(block, 21)
+        want, _ = torch.topk(block, 21, dim=1)
+        assert torch.equal(sims, want)
+        assert torch.equal(block.gather(1, ids), sims)  # ids point at those values
+        assert ids[0, 0] == n - 1
+    # a row's 21 largest all in two groups (columns j, j + L, ...), every other group's max
+    # just below them: the two-pass search still finds all 21, in order
+    L = 100
+    block = torch.zeros(1, _GROUP * L)
+    top = torch.arange(2 * _GROUP, 0, -1, dtype=torch.float32) + 100  # 32 values, 132 .. 101
+    block[0, torch.tensor([0, 1]).repeat(_GROUP) + torch.arange(_GROUP).repeat_interleave(2) * L] = top
+    block[0, 2:L] = 100.5  # groups 2..L-1: maxima just below the 21st largest (112)
+    sims, ids = block_topk(block, 21)
+    assert sims[0].tolist() == list(range(132, 111, -1))
+    assert torch.equal(block[0, ids[0]], sims[0])
+
+
+def test_block_topk_all_equal_rows_gives_distinct_ids():
+    from hardprobe.heads._index import block_topk
+    sims, ids = block_topk(torch.ones(3, 5000), 21)
+    assert (sims == 1).all()
+    assert all(len(set(row.tolist())) == 21 for row in ids)  # 21 different columns per row
+
+
+def test_new_block_is_a_writable_block_of_its_shape():
+    from hardprobe.heads._index import _HUGE_MIN, new_block
+    for rows, dtype in ((_HUGE_MIN // 4000 + 1, torch.float32), (3, torch.bfloat16)):
+        block = new_block(rows, 1000, dtype, "cpu")
+        assert block.shape == (rows, 1000) and block.dtype == dtype and block.is_contiguous()
+        torch.mm(torch.ones(rows, 2, dtype=dtype), torch.ones(2, 1000, dtype=dtype), out=block)
+        assert (block == 2).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"precision": "bf16"}, {"chunk_size": 300}])
+def test_ties_go_to_the_lowest_index_on_wide_train_sets(kw):
+    # 2,000 train rows: wide enough for block_topk's two-pass search (20 rows < 4 k * _GROUP
+    # in the test above take a plain topk)
+    X, y, Q, base, owner = _duplicated(3, n_base=400, copies=5, n_query=100, dim=16)
+    k = 7
+    idx = KNNClassifier(k=k, **kw).fit(X, y).kneighbors(Q)[1]
+    np.testing.assert_array_equal(idx, _lowest_index_reference(base, owner, Q, k))

@@ -216,16 +216,27 @@ class TorchIndex(Index):
         n_cand = min(k + self.rerank, block.shape[1])
         _, cand = ordered_top(lambda rows, K: block_topk(_rows(block, rows), K),
                               n_cand, block.shape[1])  # (chunk, k + rerank) ids
-        exact = torch.empty(cand.shape, device=q.device)  # (chunk, k + rerank) fp32
-        step = _RERANK_ROWS  # (step, k + rerank, D) gathered rows at a time, not the whole chunk
-        for a in range(0, len(q), step):
-            exact[a:a + step] = torch.einsum("cd,ckd->ck", q[a:a + step],
-                                             self.train[cand[a:a + step]])
+        exact = self._exact_sims(q, cand)  # (chunk, k + rerank) fp32
 
         def search(rows, K):
             s, j = torch.topk(_rows(exact, rows), K, dim=1)
             return s, _rows(cand, rows).gather(1, j)
         return ordered_top(search, k, n_cand)
+
+    def _exact_sims(self, q, cand):
+        """(chunk, C) fp32 cosine of each query with its C candidates (ids into train): the
+        candidates' rows are gathered _RERANK_ROWS queries at a time into one buffer reused
+        for every step (index_select(out=): row copies, no allocation and page faults per
+        step; 2-3x faster than train[cand] here) and dotted with their query."""
+        exact = torch.empty(cand.shape, device=q.device)
+        step, width = max(1, min(_RERANK_ROWS, len(q))), cand.shape[1]
+        rows = new_block(step * width, self.train.shape[1], torch.float32, q.device)
+        for a in range(0, len(q), step):
+            c = cand[a:a + step]
+            gathered = torch.index_select(self.train, 0, c.flatten(), out=rows[:c.numel()])
+            exact[a:a + step] = torch.einsum("cd,ckd->ck", q[a:a + step],
+                                             gathered.view(len(c), width, -1))
+        return exact
 
 
 def _rows(t, rows):
