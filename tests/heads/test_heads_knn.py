@@ -639,15 +639,6 @@ def test_block_topk_all_equal_rows_gives_distinct_ids():
     assert all(len(set(row.tolist())) == 21 for row in ids)  # 21 different columns per row
 
 
-def test_new_block_is_a_writable_block_of_its_shape():
-    from hardprobe.heads._index import _HUGE_MIN, new_block
-    for rows, dtype in ((_HUGE_MIN // 4000 + 1, torch.float32), (3, torch.bfloat16)):
-        block = new_block(rows, 1000, dtype, "cpu")
-        assert block.shape == (rows, 1000) and block.dtype == dtype and block.is_contiguous()
-        torch.mm(torch.ones(rows, 2, dtype=dtype), torch.ones(2, 1000, dtype=dtype), out=block)
-        assert (block == 2).all()
-
-
 @pytest.mark.parametrize("kw", [{}, {"precision": "bf16"}, {"chunk_size": 300}])
 def test_ties_go_to_the_lowest_index_on_wide_train_sets(kw):
     # 2,000 train rows: wide enough for block_topk's two-pass search (20 rows < 4 k * _GROUP

@@ -15,8 +15,6 @@ this module; this module imports neither KNNClassifier nor FAISS.
 """
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,6 @@ from ._arrays import _check_nonzero_rows
 
 _RERANK_ROWS = 256  # bf16 re-rank: queries gathered at once (fewer ops; 64 was 1.4x slower here)
 _GROUP = 16  # columns per group in block_topk (of 4 to 64, 8 and 16 were fastest on a Xeon)
-_HUGE_MIN = 32 * 2**20  # blocks from this size on are mapped with transparent huge pages
 
 
 def canonical_order(sims, ids):
@@ -90,24 +87,6 @@ def block_topk(block, K):
         cols = torch.cat([cols, tail.expand(r, -1)], 1)
     sims, j = torch.topk(block.gather(1, cols), K, dim=1)
     return sims, cols.gather(1, j)
-
-
-def new_block(rows, n, dtype, device):
-    """An uninitialised (rows, n) tensor for a similarity block. On a Linux CPU a large one
-    is an anonymous mapping advised to use transparent huge pages (madvise MADV_HUGEPAGE,
-    honoured when THP is "always" or "madvise"): its first touch, which the matmul writing
-    into it pays, takes 2 MB page faults instead of 4 kB ones (~2x less time for 400 MB
-    here). Freed when the tensor is (the tensor holds the mapping)."""
-    nbytes = rows * n * torch.empty(0, dtype=dtype).element_size()
-    huge = getattr(mmap, "MADV_HUGEPAGE", None)
-    if torch.device(device).type != "cpu" or nbytes < _HUGE_MIN or huge is None:
-        return torch.empty(rows, n, dtype=dtype, device=device)
-    buf = mmap.mmap(-1, nbytes)
-    try:
-        buf.madvise(huge)
-    except OSError:  # the kernel has no THP: ordinary pages, same result
-        pass
-    return torch.frombuffer(buf, dtype=dtype).view(rows, n)
 
 
 def exclusion_groups(n, exclude_groups):
@@ -189,8 +168,8 @@ class TorchIndex(Index):
                            self.chunk_size or _arrays.block_budget() // per_query))
         # one (chunk, N_train) block reused by every chunk: no allocation (and first-touch page
         # faults) per chunk; the matmul writes into it in place
-        block = new_block(chunk, n, torch.bfloat16 if bf16 else torch.float32,
-                          self.train.device)
+        block = torch.empty(chunk, n, device=self.train.device,
+                            dtype=torch.bfloat16 if bf16 else torch.float32)
         sims, ids = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), chunk):
@@ -230,7 +209,7 @@ class TorchIndex(Index):
         step; 2-3x faster than train[cand] here) and dotted with their query."""
         exact = torch.empty(cand.shape, device=q.device)
         step, width = max(1, min(_RERANK_ROWS, len(q))), cand.shape[1]
-        rows = new_block(step * width, self.train.shape[1], torch.float32, q.device)
+        rows = torch.empty(step * width, self.train.shape[1], device=q.device)
         for a in range(0, len(q), step):
             c = cand[a:a + step]
             gathered = torch.index_select(self.train, 0, c.flatten(), out=rows[:c.numel()])
