@@ -620,15 +620,16 @@ def test_block_topk_equals_topk_on_wide_rows():
         assert torch.equal(sims, want)
         assert torch.equal(block.gather(1, ids), sims)  # ids point at those values
         assert ids[0, 0] == n - 1
-    # a row's 21 largest all in two groups (columns j, j + L, ...), every other group's max
-    # just below them: the two-pass search still finds all 21, in order
-    L = 100
+    # a row's 21 largest all in m groups (columns j, j + L, ... for j < m), every other
+    # group's max just below the 21st: the two-pass search still finds all 21, in order
+    L, m = 100, -(-21 // _GROUP) + 1
+    top = 100.0 + m * _GROUP
     block = torch.zeros(1, _GROUP * L)
-    top = torch.arange(2 * _GROUP, 0, -1, dtype=torch.float32) + 100  # 32 values, 132 .. 101
-    block[0, torch.tensor([0, 1]).repeat(_GROUP) + torch.arange(_GROUP).repeat_interleave(2) * L] = top
-    block[0, 2:L] = 100.5  # groups 2..L-1: maxima just below the 21st largest (112)
+    cols = torch.arange(m).repeat(_GROUP) + torch.arange(_GROUP).repeat_interleave(m) * L
+    block[0, cols] = top - torch.arange(m * _GROUP, dtype=torch.float32)  # top, top - 1, ...
+    block[0, m:L] = top - 20.5  # groups m .. L - 1
     sims, ids = block_topk(block, 21)
-    assert sims[0].tolist() == list(range(132, 111, -1))
+    assert sims[0].tolist() == [top - i for i in range(21)]
     assert torch.equal(block[0, ids[0]], sims[0])
 
 
