@@ -648,3 +648,15 @@ def test_ties_go_to_the_lowest_index_on_wide_train_sets(kw):
     k = 7
     idx = KNNClassifier(k=k, **kw).fit(X, y).kneighbors(Q)[1]
     np.testing.assert_array_equal(idx, _lowest_index_reference(base, owner, Q, k))
+
+
+def test_kept_block_gives_the_same_answers_and_is_not_pickled():
+    import pickle
+    X, y, Q, base, owner = _duplicated(4, n_base=400, copies=5, n_query=100, dim=16)
+    want = _lowest_index_reference(base, owner, Q, 7)
+    knn = KNNClassifier(k=7).fit(X, y)
+    for precision, rows in (("fp32", 100), ("fp32", 30), ("bf16", 100), ("fp32", 100)):
+        knn.set_params(precision=precision)  # a smaller, then a bf16 search reuse or replace it
+        np.testing.assert_array_equal(knn.kneighbors(Q[:rows])[1], want[:rows])
+    assert knn._index._workspace.shape == (100, len(X))  # kept after the search
+    assert "_workspace" not in pickle.loads(pickle.dumps(knn._index)).__dict__
