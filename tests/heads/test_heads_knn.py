@@ -660,3 +660,23 @@ def test_kept_block_gives_the_same_answers_and_is_not_pickled():
         np.testing.assert_array_equal(knn.kneighbors(Q[:rows])[1], want[:rows])
     assert knn._index._workspace.shape == (100, len(X))  # kept after the search
     assert "_workspace" not in pickle.loads(pickle.dumps(knn._index)).__dict__
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ties_lowest_index_when_only_some_queries_tie(precision):
+    # base rows copied 1 or 4 times: a query's 7th place cuts a tie group for some queries
+    # only, so the widening searches a few rows (copied out) rather than most of the block
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(600, 16))
+    owner = rng.permutation(np.repeat(np.arange(600), np.where(np.arange(600) < 60, 4, 1)))
+    X, y = base[owner].astype(np.float32), rng.integers(0, 3, len(owner))
+    Q = rng.normal(size=(200, 16)).astype(np.float32)
+    want = _lowest_index_reference(base, owner, Q, 7)
+    knn = KNNClassifier(k=7, precision=precision).fit(X, y)
+    calls = []
+    import hardprobe.heads._index as index_module
+    real = index_module.block_topk
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(index_module, "block_topk", lambda b, K: calls.append(len(b)) or real(b, K))
+        np.testing.assert_array_equal(knn.kneighbors(Q)[1], want)
+    assert any(0 < n < len(Q) / 2 for n in calls)  # a widened search of a minority of rows
