@@ -659,6 +659,9 @@ def test_kept_block_gives_the_same_answers_and_is_not_pickled():
         knn.set_params(precision=precision)  # a smaller, then a bf16 search reuse or replace it
         np.testing.assert_array_equal(knn.kneighbors(Q[:rows])[1], want[:rows])
     assert knn._index._workspace.shape == (100, len(X))  # kept after the search
+    knn.set_params(precision="fp32")
+    knn.kneighbors(Q[:30])
+    assert knn._index._workspace.shape == (100, len(X))  # the larger block stays kept
     assert "_workspace" not in pickle.loads(pickle.dumps(knn._index)).__dict__
 
 

@@ -9,7 +9,8 @@ query i drops every training row j with exclude[j] == exclude[i] (its own row, a
 duplicates when they share the group; see `exclusion_groups`).
 
 Two implementations: `TorchIndex` here (a chunked matmul + top-k, exact in fp32, or bf16
-candidates re-ranked exactly in fp32) and `FaissIndex` in `_faiss.py` (FAISS flat or IVF, read
+candidates re-ranked exactly in fp32; the top-k of a similarity block is `block_topk`, which
+searches only the columns of the groups with the largest maxima) and `FaissIndex` in `_faiss.py` (FAISS flat or IVF, read
 chunk by chunk from a possibly memory-mapped array). Both derive from `Index` and import
 this module; this module imports neither KNNClassifier nor FAISS.
 """
@@ -169,7 +170,8 @@ class TorchIndex(Index):
                            self.chunk_size or _arrays.block_budget() // per_query))
         # one (chunk, N_train) block reused by every chunk (and kept for the next search): no
         # allocation and first-touch page faults per chunk; the matmul writes into it in place
-        block = self._take_block(chunk, n, torch.bfloat16 if bf16 else torch.float32)
+        kept = self._take_block(chunk, n, torch.bfloat16 if bf16 else torch.float32)
+        block = kept[:chunk]
         sims, ids = [], []
         with torch.inference_mode():
             for a in range(0, len(queries), chunk):
@@ -178,21 +180,21 @@ class TorchIndex(Index):
                         else self._top_exact(q, block[:len(q)], k))
                 sims.append(s)
                 ids.append(i)
-        if block.device.type == "cpu":
-            self._workspace = block  # (chunk, n): the next search reuses it
+        if kept.device.type == "cpu":
+            self._workspace = kept  # (>= chunk, n): the next search reuses it
         if len(sims) <= 1:  # one chunk: no copy
             return (sims[0], ids[0]) if sims else (torch.empty(0, k), torch.empty(0, k).long())
         return torch.cat(sims), torch.cat(ids)
 
     def _take_block(self, chunk, n, dtype):
-        """A (chunk, n) similarity block: the one the previous search kept when it is large
-        enough and of this dtype, else a new one. Taken out of the index while in use
+        """A (>= chunk, n) similarity block: the one the previous search kept when it is large
+        enough and of this dtype, else a new (chunk, n) one. Taken out of the index while in use
         (dict.pop is atomic), so a concurrent search on it allocates its own. On the CPU the
         first touch of a fresh block (page faults) cost 6% of the matmul's time at 2,048 dims
         here, more at fewer dims (it scales with the block, the matmul with dims too)."""
         kept = self.__dict__.pop("_workspace", None)
         if kept is not None and kept.dtype == dtype and kept.shape[1] == n and len(kept) >= chunk:
-            return kept[:chunk]
+            return kept
         del kept  # freed before its successor is allocated
         return torch.empty(chunk, n, device=self.train.device, dtype=dtype)
 
