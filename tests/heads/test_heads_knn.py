@@ -607,3 +607,79 @@ def test_exclude_groups_same_in_torch_and_faiss_and_errors():
         a.predict(exclude_self=True, exclude_groups=np.full(90, -2))
     with pytest.raises(ValueError, match=r"k=6 is larger than the 3 .*the largest holds 87"):
         a.predict(exclude_self=True, exclude_groups=np.r_[np.zeros(87, int), -np.ones(3, int)])
+
+
+def test_block_topk_equals_topk_on_wide_rows():
+    from hardprobe.heads._index import _GROUP, block_topk
+    g = torch.Generator().manual_seed(0)
+    for n in (_GROUP * 200, _GROUP * 200 + 7):  # n % _GROUP: the tail columns are candidates
+        block = torch.randn(50, n, generator=g)
+        block[0, -1] = 10.0  # the largest value in the tail (or the last group)
+        sims, ids = block_topk(block, 21)
+        want, _ = torch.topk(block, 21, dim=1)
+        assert torch.equal(sims, want)
+        assert torch.equal(block.gather(1, ids), sims)  # ids point at those values
+        assert ids[0, 0] == n - 1
+    # a row's 21 largest all in m groups (columns j, j + L, ... for j < m), every other
+    # group's max just below the 21st: the two-pass search still finds all 21, in order
+    L, m = 100, -(-21 // _GROUP) + 1
+    top = 100.0 + m * _GROUP
+    block = torch.zeros(1, _GROUP * L)
+    cols = torch.arange(m).repeat(_GROUP) + torch.arange(_GROUP).repeat_interleave(m) * L
+    block[0, cols] = top - torch.arange(m * _GROUP, dtype=torch.float32)  # top, top - 1, ...
+    block[0, m:L] = top - 20.5  # groups m .. L - 1
+    sims, ids = block_topk(block, 21)
+    assert sims[0].tolist() == [top - i for i in range(21)]
+    assert torch.equal(block[0, ids[0]], sims[0])
+
+
+def test_block_topk_all_equal_rows_gives_distinct_ids():
+    from hardprobe.heads._index import block_topk
+    sims, ids = block_topk(torch.ones(3, 5000), 21)
+    assert (sims == 1).all()
+    assert all(len(set(row.tolist())) == 21 for row in ids)  # 21 different columns per row
+
+
+@pytest.mark.parametrize("kw", [{}, {"precision": "bf16"}, {"chunk_size": 300}])
+def test_ties_go_to_the_lowest_index_on_wide_train_sets(kw):
+    # 2,000 train rows: wide enough for block_topk's two-pass search (20 rows < 4 k * _GROUP
+    # in the test above take a plain topk)
+    X, y, Q, base, owner = _duplicated(3, n_base=400, copies=5, n_query=100, dim=16)
+    k = 7
+    idx = KNNClassifier(k=k, **kw).fit(X, y).kneighbors(Q)[1]
+    np.testing.assert_array_equal(idx, _lowest_index_reference(base, owner, Q, k))
+
+
+def test_kept_block_gives_the_same_answers_and_is_not_pickled():
+    import pickle
+    X, y, Q, base, owner = _duplicated(4, n_base=400, copies=5, n_query=100, dim=16)
+    want = _lowest_index_reference(base, owner, Q, 7)
+    knn = KNNClassifier(k=7).fit(X, y)
+    for precision, rows in (("fp32", 100), ("fp32", 30), ("bf16", 100), ("fp32", 100)):
+        knn.set_params(precision=precision)  # a smaller, then a bf16 search reuse or replace it
+        np.testing.assert_array_equal(knn.kneighbors(Q[:rows])[1], want[:rows])
+    assert knn._index._workspace.shape == (100, len(X))  # kept after the search
+    knn.set_params(precision="fp32")
+    knn.kneighbors(Q[:30])
+    assert knn._index._workspace.shape == (100, len(X))  # the larger block stays kept
+    assert "_workspace" not in pickle.loads(pickle.dumps(knn._index)).__dict__
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_ties_lowest_index_when_only_some_queries_tie(precision):
+    # base rows copied 1 or 4 times: a query's 7th place cuts a tie group for some queries
+    # only, so the widening searches a few rows (copied out) rather than most of the block
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(600, 16))
+    owner = rng.permutation(np.repeat(np.arange(600), np.where(np.arange(600) < 60, 4, 1)))
+    X, y = base[owner].astype(np.float32), rng.integers(0, 3, len(owner))
+    Q = rng.normal(size=(200, 16)).astype(np.float32)
+    want = _lowest_index_reference(base, owner, Q, 7)
+    knn = KNNClassifier(k=7, precision=precision).fit(X, y)
+    calls = []
+    import hardprobe.heads._index as index_module
+    real = index_module.block_topk
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(index_module, "block_topk", lambda b, K: calls.append(len(b)) or real(b, K))
+        np.testing.assert_array_equal(knn.kneighbors(Q)[1], want)
+    assert any(0 < n < len(Q) / 2 for n in calls)  # a widened search of a minority of rows

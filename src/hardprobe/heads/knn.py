@@ -49,6 +49,9 @@ class KNNClassifier(ClassifierMixin, BaseEstimator):
     backend="torch": fit keeps an L2-normalised float32 copy of X on `device`; the search is a
     chunked matmul + top-k. chunk_size: queries per matmul; None derives it from the memory
     available (_arrays.block_budget(): an eighth of it, 64 MB to 1 GB, for the (chunk, n_train) block).
+    On the CPU that block is kept after a search and reused by the next one (no page faults
+    of a fresh block: ~6% of the matmul's time at 2,048 dims), so a fitted classifier holds up
+    to that much more memory until it is refitted or deleted; it is not pickled.
 
     backend="faiss" (needs `pip install faiss-cpu`, or the hardprobe[faiss] extra; faiss-gpu
     is used when it is installed, sees a GPU and device is cuda): fit reads X chunk_size rows
