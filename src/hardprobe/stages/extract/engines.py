@@ -161,7 +161,8 @@ class OpenVINOEngine:
 
 
 def _quantize(ov_model, calibration):
-    """NNCF post-training int8 quantisation on the calibration batches (mixed preset)."""
+    """NNCF post-training int8 quantisation on the calibration batches (mixed preset, full
+    bias correction, the first convolution and the classifier left in float)."""
     import nncf
     if calibration is None:
         raise ConfigError("--precision int8 needs calibration images from the train split; "
@@ -170,7 +171,20 @@ def _quantize(ov_model, calibration):
     n = sum(len(b) for b in batches)
     log.info("int8: calibrating on %d training images", n)
     return nncf.quantize(ov_model, nncf.Dataset(batches), subset_size=len(batches),
-                         preset=nncf.QuantizationPreset.MIXED)
+                         preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
+                         ignored_scope=nncf.IgnoredScope(names=_keep_float(ov_model)))
+
+
+def _keep_float(ov_model) -> list[str]:
+    """The ops int8 leaves in float: the first convolution (it sees raw pixels) and the last
+    matmul (the classifier). With full bias correction, measured on cifar_resnet56 (1,000
+    shared CIFAR-10 test images, 300 calibration images): top-1 agreement with fp32 97.5%
+    (NNCF defaults) -> 98.6% (full bias correction) -> 98.9% (and these two ops in float);
+    nncf.quantize_with_accuracy_control (max drop 0.5 point) reached only 98.6%."""
+    ops = list(ov_model.get_ordered_ops())
+    convs = [op.get_friendly_name() for op in ops if op.get_type_name() == "Convolution"]
+    mms = [op.get_friendly_name() for op in ops if op.get_type_name() == "MatMul"]
+    return convs[:1] + mms[-1:]
 
 
 def make_engine(backbone, device: torch.device, *, engine: str = "torch",
