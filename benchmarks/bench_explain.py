@@ -37,13 +37,12 @@ import torch
 from pytorch_grad_cam.metrics.road import NoisyLinearImputer
 
 from bench_extract import make_images
-from bench_run import machine
+from bench_run import machine, write_result
 from hardprobe import pipeline
 from hardprobe.config import build_config
 from hardprobe.stages.explain import stage
 from hardprobe.stages.explain.cams import compute_cams
 
-OUT = Path(__file__).resolve().parent / "results"
 PARTS = ("images", "cams", "faithfulness", "throughput", "save")
 
 
@@ -175,9 +174,7 @@ def main() -> None:
     finally:
         if args.keep is None:
             shutil.rmtree(tmp, ignore_errors=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"bench_explain_{args.model.replace(':', '_')}.json").write_text(
-        json.dumps(result, indent=2))
+    write_result("bench_explain", args.model, result)
 
 
 if __name__ == "__main__":

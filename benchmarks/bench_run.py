@@ -43,6 +43,14 @@ def machine() -> str:
     return f"{m['model']}; {m['cpus']} cores; flags: {' '.join(m['flags']) or 'none'}"
 
 
+def write_result(bench: str, model: str, result: dict) -> Path:
+    """benchmarks/results/<bench>_<model>.json."""
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"{bench}_{model.replace(':', '_')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    return path
+
+
 def timed_run(cfg) -> dict[str, float]:
     """pipeline.run(cfg) with the seconds of each stage: the module's stage calls are wrapped
     for the duration of this call only."""
@@ -123,9 +131,7 @@ def main() -> None:
         result = report(args, n, loop, roof_v, timed_run(cfg))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    OUT.mkdir(exist_ok=True)
-    (OUT / f"bench_run_{args.model.replace(':', '_')}.json").write_text(
-        json.dumps(result, indent=2))
+    write_result("bench_run", args.model, result)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,14 @@ def extraction_rate(bb, images: torch.Tensor, batch: int, dev, precision: str) -
         with autocast(dev, precision):
             return bb(bb.preprocess(chunk.to(dev, non_blocking=True))
                       .contiguous(memory_format=torch.channels_last))
+    return timed_rate(run, images, batch, dev)
+
+
+def timed_rate(run, images: torch.Tensor, batch: int, dev) -> float:
+    """img/s of run(chunk) over images in batches, after one warm-up batch (cuDNN / oneDNN
+    choose their kernels), the device synchronised around the clock."""
     with torch.inference_mode():
-        run(images[:batch])  # warm-up: cuDNN / oneDNN choose their kernels
+        run(images[:batch])
         sync(dev)
         t0 = time.perf_counter()
         for i in range(0, len(images), batch):
@@ -99,14 +105,7 @@ def preprocess_rate(pre, images: torch.Tensor, batch: int, dev, resize_on: str) 
         else:
             x = pre.geometric_batch(chunk.to(dev, non_blocking=True))
         return pre.normalize(x)
-    with torch.inference_mode():
-        run(images[:batch])  # warm-up
-        sync(dev)
-        t0 = time.perf_counter()
-        for i in range(0, len(images), batch):
-            run(images[i:i + batch])
-        sync(dev)
-    return len(images) / (time.perf_counter() - t0)
+    return timed_rate(run, images, batch, dev)
 
 
 def phase_extraction(plan: dict, dev: torch.device) -> dict:
