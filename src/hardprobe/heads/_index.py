@@ -10,9 +10,10 @@ duplicates when they share the group; see `exclusion_groups`).
 
 Two implementations: `TorchIndex` here (a chunked matmul + top-k, exact in fp32, or bf16
 candidates re-ranked exactly in fp32; the top-k of a similarity block is `block_topk`, which
-searches only the columns of the groups with the largest maxima) and `FaissIndex` in `_faiss.py` (FAISS flat or IVF, read
-chunk by chunk from a possibly memory-mapped array). Both derive from `Index` and import
-this module; this module imports neither KNNClassifier nor FAISS.
+searches only the columns of the groups with the largest maxima) and `FaissIndex` in
+`_faiss.py` (FAISS flat or IVF, read chunk by chunk from a possibly memory-mapped array).
+Both derive from `Index` and import this module; this module imports neither KNNClassifier
+nor FAISS.
 """
 from __future__ import annotations
 

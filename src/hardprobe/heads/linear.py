@@ -219,9 +219,10 @@ def fold_jobs(n_rows, n_features, n_folds, *, cores=None, budget_bytes=1 << 30):
     """How many linear-probe folds to fit at once: one per core, as many as the budget
     holds (each fit keeps a float32 copy of its rows and their float64 standardised copy,
     12 bytes a value), and never more than the folds plus the full fit."""
-    cores = cores or os.cpu_count() or 1
+    if cores is None:  # the cores this process may run on (a container's share), not the host's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     per_fit = 12 * n_rows * n_features
-    return int(max(1, min(cores, n_folds + 1, budget_bytes // max(per_fit, 1))))
+    return int(max(1, min(cores or 1, n_folds + 1, budget_bytes // max(per_fit, 1))))
 
 
 def _folds(X, y, n_folds, seed, groups):
