@@ -6,8 +6,11 @@ agreement (model-head top-1, kNN predictions, kNN accuracy) on shared CIFAR-10 J
     PYTHONPATH=src python3 benchmarks/bench_engines.py --model resnet50 --random-init \
         --image-size 224 --train 256 --test 128
 
-Timings include OpenVINO's conversion (and int8 calibration) of each split: the second
-split's rate ('test img/s') is the steady state. kNN: cosine, k=20 majority vote.
+'train s' is extract_split over the train split, OpenVINO's conversion and int8's calibration
+(once per process: the test split reuses the int8 model) included, as a user's run pays them;
+'run img/s' is extract_split over the test split; 'steady img/s' is the engine's forward alone
+on ready normalised batches after a warm-up batch ('setup': conversion and the first batch).
+kNN: cosine, k=20 majority vote.
 """
 from __future__ import annotations
 
@@ -20,12 +23,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hardprobe.backbones import create_backbone
 from hardprobe.data.datasets import load_imagefolder
-from hardprobe.stages.extract.features import extract_split
+from hardprobe.stages.extract.engines import make_engine
+from hardprobe.stages.extract.features import (INT8_CALIBRATION, INT8_CHECK,
+                                               calibration_batches, extract_split)
 
-COMBOS = [("torch", "fp32"), ("openvino", "fp32"), ("torch", "bf16"), ("openvino", "int8")]
+COMBOS = [("torch", "fp32"), ("openvino", "fp32"), ("torch", "bf16"), ("openvino", "bf16"),
+          ("openvino", "int8")]
 
 
 def machine() -> str:
@@ -59,12 +66,26 @@ def run_combo(bb, data, engine, precision, cache, batch):
     out, secs = {}, {}
     for name in ("train", "test"):
         t = time.perf_counter()
-        out[name], _ = extract_split(bb, data.splits[name], cache_dir=cache, device="cpu",
+        out[name], entry = extract_split(bb, data.splits[name], cache_dir=cache, device="cpu",
                                      engine=engine, precision=precision, batch_size=batch,
                                      num_workers=1, progress=False,
                                      calibration=data.splits["train"])
         secs[name] = time.perf_counter() - t
+        if "int8_check" in entry.manifest()["meta"]:
+            print(f"{engine} {precision} {name}: int8_check {entry.manifest()['meta']['int8_check']}")
     return out, secs
+
+
+def steady(bb, engine, precision, batches, calib, check):
+    """-> (setup seconds: conversion / calibration and the first batch, steady images/s)."""
+    t = time.perf_counter()
+    run = make_engine(bb, torch.device("cpu"), engine=engine, precision=precision,
+                      calibration=calib, validation=check)
+    run(batches[0])
+    setup, t = time.perf_counter() - t, time.perf_counter()
+    for b in batches[1:]:
+        run(b)
+    return setup, sum(len(b) for b in batches[1:]) / (time.perf_counter() - t)
 
 
 def main():
@@ -77,6 +98,9 @@ def main():
     ap.add_argument("--train", type=int, default=2000)
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--steady", type=int, default=256, help="images timed for the steady rate")
+    ap.add_argument("--combos", nargs="+", default=[f"{e}:{p}" for e, p in COMBOS],
+                    help="engine:precision pairs (torch:fp32, the reference, always runs)")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     print(machine())
@@ -87,16 +111,25 @@ def main():
                             subset_tree(Path(a.data) / "test", tmp / "test", a.test))
     y_tr = data.splits["train"].examples["label"].to_numpy()
     y_te = data.splits["test"].examples["label"].to_numpy()
-    res = {c: run_combo(bb, data, *c, tmp / f"cache-{c[0]}-{c[1]}", a.batch) for c in COMBOS}
+    combos = [("torch", "fp32")] + [tuple(c.split(":")) for c in a.combos if c != "torch:fp32"]
+    res = {c: run_combo(bb, data, *c, tmp / f"cache-{c[0]}-{c[1]}", a.batch) for c in combos}
+    ready = calibration_batches(bb, data.splits["test"], a.batch, n=a.steady + a.batch)
+    calib = calibration_batches(bb, data.splits["train"], a.batch)  # as extract_split's
+    check = calibration_batches(bb, data.splits["train"], a.batch, n=INT8_CHECK,
+                                start=INT8_CALIBRATION)
+    rates = {c: steady(bb, *c, ready, calib, check) for c in combos}
     ref, ref_s = res["torch", "fp32"]
     ref_knn = knn_predict(ref["train"]["embedding"], y_tr, ref["test"]["embedding"])
     print(f"{a.model} @ {a.image_size or 'native'}: {a.train} train + {a.test} test images")
-    print("engine    precision  test img/s  x torch-fp32  top-1 agree  kNN agree  kNN acc")
+    print("engine    precision  train s  run img/s  x torch-fp32  setup s  steady img/s  x torch-fp32"
+          "  top-1 agree  kNN agree  kNN acc")
     for (eng, prec), (o, s) in res.items():
+        setup, rate = rates[eng, prec]
         knn = knn_predict(o["train"]["embedding"], y_tr, o["test"]["embedding"])
         top1 = (np.mean(o["test"]["logits"].argmax(1) == ref["test"]["logits"].argmax(1))
                 if "logits" in o["test"] else float("nan"))
-        print(f"{eng:9s} {prec:9s} {a.test / s['test']:10.1f}  {ref_s['test'] / s['test']:11.2f}"
+        print(f"{eng:9s} {prec:9s} {s['train']:7.1f}  {a.test / s['test']:9.1f}  {ref_s['test'] / s['test']:11.2f}"
+              f"  {setup:7.1f}  {rate:12.1f}  {rate / rates['torch', 'fp32'][1]:11.2f}"
               f"  {100 * top1:10.2f}%  {100 * np.mean(knn == ref_knn):8.2f}%"
               f"  {100 * np.mean(knn == y_te):6.2f}%")
 

@@ -9,7 +9,7 @@ import torch
 from hardprobe.data.datasets import load_imagefolder
 from hardprobe.errors import ConfigError
 from hardprobe.stages.extract import engines
-from hardprobe.stages.extract.features import extract_split
+from hardprobe.stages.extract.features import extract_split, feature_key, int8_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -38,8 +38,14 @@ def test_openvino_agrees_with_torch(tiny_backbone, tiny_folder, tmp_path, precis
     data = load_imagefolder(*tiny_folder)
     train, test = data.splits["train"], data.splits["test"]
     ref = {s.name: _extract(tiny_backbone, s, tmp_path)[0] for s in (train, test)}
-    ov = {s.name: _extract(tiny_backbone, s, tmp_path, engine="openvino", precision=precision,
-                           calibration=train)[0] for s in (train, test)}
+    got = {s.name: _extract(tiny_backbone, s, tmp_path, engine="openvino", precision=precision,
+                            calibration=train) for s in (train, test)}
+    ov = {s: arrays for s, (arrays, _) in got.items()}
+    checks = [entry.manifest()["meta"].get("int8_check") for _, entry in got.values()]
+    if precision == "int8":  # measured on held-out train images (here: too few, in-sample)
+        assert checks[0] == checks[1] and checks[0]["top1_agreement"] >= threshold
+    else:
+        assert checks == [None, None]
     for s in ("train", "test"):
         agree = (ov[s]["logits"].argmax(1) == ref[s]["logits"].argmax(1)).mean()
         assert agree >= threshold, (s, agree)
@@ -64,6 +70,20 @@ def test_cache_key_separates_engines_and_precisions(tiny_backbone, tiny_folder, 
     assert "engine" not in keys["torch", "fp32"].key  # torch keys unchanged: caches stay valid
     assert keys["openvino", "int8"].key["precision"] == "int8"
     assert keys["openvino", "fp32"].key["engine"] == f"openvino-{engines.openvino_version()}"
+    # int8 features of any split depend on the train images that calibrate and check it
+    int8 = keys["openvino", "int8"].key["int8"]
+    assert int8["calibration"] == data.splits["train"].manifest_digest
+    assert (int8["max_drop"], int8["n"], int8["check"]) == (engines.INT8_MAX_DROP, 300, 1024)
+    assert int8["nncf"] == engines.nncf_version()
+    other = feature_key(tiny_backbone, split, precision="int8", with_logits=True,
+                        engine=keys["openvino", "int8"].key["engine"],
+                        int8=int8_recipe(split, 0.0))  # calibrated on another split, stricter
+    assert other["int8"]["calibration"] != int8["calibration"] and other["int8"]["max_drop"] == 0
+    assert "int8" not in keys["openvino", "fp32"].key
+    with pytest.raises(ConfigError, match="int8_max_drop must be in"):
+        int8_recipe(split, 1.5)
+    with pytest.raises(ConfigError, match="needs calibration images"):
+        _extract(tiny_backbone, split, tmp_path, engine="openvino", precision="int8")
 
 
 def test_auto_falls_back_to_torch_without_openvino(monkeypatch, tiny_backbone, tiny_folder,
@@ -101,3 +121,72 @@ def test_auto_rules_and_bad_combinations():
             engines.resolve_engine("openvino", torch.device("cuda"), "fp32")
         with pytest.raises(ConfigError, match="int8 runs with --engine openvino"):
             engines.resolve_engine("torch", CPU, "int8")
+
+
+@needs_ov
+def test_int8_calibrates_on_every_image_and_checks_on_held_out_ones(monkeypatch, tiny_backbone):
+    """NNCF's subset_size counts images: passing the number of batches (4 here) once left
+    most calibration images out (cifar_resnet56 top-1 agreement 98.9% -> 99.0% with all).
+    The agreement with fp32 is measured on the held-out batches and kept in int8_check."""
+    nncf = pytest.importorskip("nncf")
+    seen, real = {}, nncf.quantize_with_accuracy_control
+
+    def spy(model, calibration, validation, **kw):
+        seen.update(kw, fit=len(list(calibration.get_data())),
+                    check=len(list(validation.get_data())))
+        return real(model, calibration, validation, **kw)
+    monkeypatch.setattr(nncf, "quantize_with_accuracy_control", spy)
+    engines._QUANTIZED.clear()
+    calib = [torch.rand(8, 3, 16, 16) for _ in range(3)] + [torch.rand(5, 3, 16, 16)]
+    check = [torch.rand(6, 3, 16, 16) for _ in range(2)]
+    run = engines.make_engine(tiny_backbone, CPU, engine="openvino", precision="int8",
+                              calibration=calib, validation=check)
+    e, lg = run(check[0])
+    assert (seen["fit"], seen["subset_size"], seen["check"]) == (4, 29, 2)
+    assert seen["max_drop"] == engines.INT8_MAX_DROP
+    assert e.shape == (6, tiny_backbone.embed_dim) and np.isfinite(e).all()
+    # the check is the share of the 12 held-out images whose int8 top-1 is fp32's
+    ref = np.concatenate([tiny_backbone(b)[1].detach().numpy().argmax(1) for b in check])
+    got = np.concatenate([run(b)[1].argmax(1) for b in check])
+    assert run.int8_check == {"top1_agreement": pytest.approx(np.mean(ref == got), abs=1e-6),
+                              "images": 12, "held_out": True}
+    again = engines.make_engine(tiny_backbone, CPU, engine="openvino", precision="int8",
+                                calibration=calib, validation=check)
+    seen.clear()
+    again(check[0])
+    assert seen == {} and again.int8_check == run.int8_check  # quantised once, not per split
+
+
+@needs_ov
+def test_int8_run_records_its_agreement_in_provenance(tiny_folder, tmp_path, caplog):
+    """`hardprobe run --precision int8`: the agreement with fp32 is printed (logged) and kept
+    in provenance.json next to each split's features, marked in-sample or held out."""
+    pytest.importorskip("nncf")
+    from hardprobe import pipeline
+    from hardprobe.config import build_config
+    from hardprobe.core.io import read_json
+    train, test = tiny_folder
+    cfg = build_config(model="cifar_resnet20", random_init=True, data="imagefolder",
+                       train=str(train), test=str(test), out=str(tmp_path / "r"),
+                       cache_dir=str(tmp_path / "c"), num_workers=0, engine="openvino",
+                       precision="int8")
+    with caplog.at_level("INFO", logger="hardprobe"):
+        out = pipeline.extract(cfg, progress=False)
+    prov = read_json(out / "provenance.json")
+    checks = [prov["features"][s]["int8_check"] for s in ("train", "test")]
+    assert checks[0] == checks[1] and 0.0 <= checks[0]["top1_agreement"] <= 1.0
+    assert checks[0]["held_out"] is False  # the tiny train split is all calibration
+    assert prov["precision"] == {"train": "int8", "test": "int8"}
+    assert "int8: top1 agreement with fp32" in caplog.text
+
+
+@needs_ov
+def test_a_model_openvino_cannot_convert_is_a_clear_error(monkeypatch, tiny_backbone):
+    import openvino as ov
+
+    def refuse(*a, **kw):
+        raise RuntimeError("Cannot create SomeOp layer")
+    monkeypatch.setattr(ov, "convert_model", refuse)
+    run = engines.make_engine(tiny_backbone, CPU, engine="openvino", precision="fp32")
+    with pytest.raises(ConfigError, match=r"could not convert tiny .*SomeOp.*--engine torch"):
+        run(torch.rand(2, 3, 16, 16))

@@ -22,13 +22,15 @@ from ...core.device import default_num_workers, resolve_device, resolve_precisio
 from ...core.io import atomic_write_text
 from ...data.datasets import Split, SplitDataset, collate_ragged, collate_skipping
 from ...errors import ConfigError, NonFiniteFeaturesError
-from .engines import engine_tag, make_engine, resolve_engine
+from .engines import INT8_MAX_DROP, engine_tag, make_engine, nncf_version, resolve_engine
 
 log = logging.getLogger(__name__)
 
 # Bump when a change to this module changes what it writes for the same inputs.
 FEATURES_VERSION = 3
 RESIZE_ON = ("workers", "device", "auto")
+INT8_CALIBRATION = 300  # train images that set int8's ranges
+INT8_CHECK = 1024  # held-out train images on which int8 must agree with fp32 (engines._quantize)
 
 
 def resolve_resize_on(resize_on: str, device: torch.device) -> str:
@@ -43,7 +45,7 @@ def resolve_resize_on(resize_on: str, device: torch.device) -> str:
 
 
 def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits: bool,
-                dtype: str = "float32", engine: str = "torch") -> dict:
+                dtype: str = "float32", engine: str = "torch", int8: dict | None = None) -> dict:
     """Everything that determines the arrays: the cache key."""
     key = {
         "version": FEATURES_VERSION,
@@ -58,6 +60,8 @@ def feature_key(backbone: Backbone, split: Split, *, precision: str, with_logits
         key["dtype"] = dtype
     if engine != "torch":  # engine_tag, e.g. openvino-2026.0.0; torch keys stay as they were
         key["engine"] = engine
+    if int8 is not None:  # int8_recipe: its calibration images and settings
+        key["int8"] = int8
     # Not in the key: resize_on, because the device runs the same torchvision resize on the
     # same uint8 images and gives the workers' pixels bit for bit on the CPU (measured and
     # tested: torchvision resizes each image of a batch on its own); on a GPU its float
@@ -73,13 +77,15 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
                   dtype: str = "float32", progress: bool = True,
                   ctx: distributed.Context = distributed.SINGLE, engine: str = "torch",
                   calibration: Split | None = None, resize_on: str = "auto",
-                  compile: bool = False) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
+                  compile: bool = False, int8_max_drop: float = INT8_MAX_DROP
+                  ) -> tuple[dict[str, np.ndarray] | None, CacheEntry]:
     """Features of every example of `split`, from the cache when present.
 
     dtype: "float32", or "float16" to halve the disk and memory of the embeddings (the
     kNN neighbours change by about 0.05%, see docs/benchmarks.md); logits stay float32.
-    engine: torch | openvino | auto (see engines.py); precision int8 quantises on the first
-    images of `calibration` (the train split).
+    engine: torch | openvino | auto (see engines.py); precision int8 quantises on
+    INT8_CALIBRATION images of `calibration` (the train split) and keeps layers in float until
+    its top-1 agreement with fp32 on INT8_CHECK held-out ones is within int8_max_drop.
     resize_on: workers | device | auto, where images are resized (see resolve_resize_on).
     compile: torch.compile the torch engine's forward (eager, with a warning, when it cannot).
     ctx: the torchrun ranks (see distributed.py). Each rank computes its share of the
@@ -95,11 +101,12 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
     if dtype not in ("float32", "float16"):
         raise ConfigError(f"feature dtype must be float32 or float16, not {dtype!r}")
     eng_name, _ = resolve_engine(engine, dev, precision)
+    int8 = int8_recipe(calibration, int8_max_drop) if precision == "int8" else None
     entry = CacheEntry(cache_dir or default_cache_dir(), feature_key(
         backbone, split, precision=precision, with_logits=with_logits, dtype=dtype,
-        engine=engine_tag(eng_name)))
+        engine=engine_tag(eng_name), int8=int8))
     work = dict(dev=dev, precision=precision, with_logits=with_logits, batch_size=batch_size,
-                engine=eng_name, calibration=calibration, compile=compile,
+                engine=eng_name, calibration=calibration, compile=compile, int8=int8,
                 resize_on=resolve_resize_on(resize_on, dev),
                 num_workers=default_num_workers(ctx) if num_workers is None
                 else num_workers, progress=progress, dtype=dtype)
@@ -114,12 +121,15 @@ def extract_split(backbone: Backbone, split: Split, *, cache_dir=None, device=No
         plan = ctx.broadcast(plan)
         if plan is not None:
             size, n_shards, todo = plan
-            _compute(backbone, split, entry, size, ctx.my_part(todo), ctx=ctx, **work)
+            int8_check = _compute(backbone, split, entry, size, ctx.my_part(todo), ctx=ctx,
+                                  **work)
             ctx.barrier()  # every rank's shards are written
             if ctx.main:
                 entry.finalize(n_shards, meta={"n": len(split), "shard_size": size,
                                                "computed_shards": todo,
-                                               "world_size": ctx.world_size})
+                                               "world_size": ctx.world_size,
+                                               **({"int8_check": int8_check}
+                                                  if int8_check else {})})
         ctx.barrier()  # the entry is complete before any rank returns
         if not ctx.main:
             return None, entry
@@ -137,7 +147,7 @@ def _plan(entry: CacheEntry, n: int, shard_size: int) -> tuple[int, int, list[in
 
 
 def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with_logits,
-             batch_size, num_workers, progress, dtype, engine="torch", calibration=None,
+             batch_size, num_workers, progress, dtype, engine="torch", calibration=None, int8=None,
              resize_on="workers", compile=False, ctx=distributed.SINGLE) -> None:
     """Forward the rows of `shards` and write each as it finishes."""
     n = len(split)
@@ -151,11 +161,14 @@ def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with
                                                        f"({ctx.describe()})"
     else:
         total, done, desc = n, n - sum(map(len, ranges)), f"{backbone.name} {split.name}"
-    calib = (calibration_batches(backbone, calibration, batch_size)
-             if precision == "int8" else None)
+    calib, check = (calibration_batches(backbone, calibration, batch_size),
+                    calibration_batches(backbone, calibration, batch_size, n=INT8_CHECK,
+                                        start=INT8_CALIBRATION)) \
+        if precision == "int8" else (None, None)
     runner = make_engine(backbone, dev, engine=engine, precision=precision, calibration=calib,
                          cache_dir=entry.dir.parents[1] / "openvino"
-                         if engine == "openvino" else None, compile=compile)
+                         if engine == "openvino" else None, compile=compile, validation=check,
+                         max_drop=(int8 or {}).get("max_drop", INT8_MAX_DROP))
     log.info("extract: resize and crop on the %s", resize_on)
     bar = tqdm(total=total, initial=done, unit="img", disable=not progress or not ctx.main,
                desc=desc)
@@ -165,6 +178,7 @@ def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with
         arrays["embedding"] = arrays["embedding"].astype(dtype, copy=False)
         entry.write_shard(i, index=idx, **arrays)
     bar.close()
+    return getattr(runner, "int8_check", None)
 
 
 def _layout(entry: CacheEntry, shard_size: int) -> int:
@@ -175,12 +189,29 @@ def _layout(entry: CacheEntry, shard_size: int) -> int:
     return shard_size
 
 
-def calibration_batches(backbone, split: Split | None, batch_size: int, n: int = 300,
-                        seed: int = 0) -> list[torch.Tensor] | None:
-    """int8 calibration: n train images drawn at random (seed), normalised, in batches."""
+def int8_recipe(calibration: Split | None, max_drop: float) -> dict:
+    """What int8 features depend on beyond the backbone: the calibration split's images, how
+    many calibrate and check, the agreement allowed, and the NNCF version (the cache key)."""
+    if not 0.0 <= max_drop < 1.0:
+        raise ConfigError(f"int8_max_drop must be in [0, 1), not {max_drop!r} (a share of "
+                          f"top-1 agreement: 0.001 is 0.1 point)")
+    if calibration is None:
+        raise ConfigError("--precision int8 needs calibration images from the train split; "
+                          "this dataset has none")
+    return {"calibration": calibration.manifest_digest, "n": INT8_CALIBRATION,
+            "check": INT8_CHECK, "max_drop": float(max_drop), "nncf": nncf_version()}
+
+
+def calibration_batches(backbone, split: Split | None, batch_size: int,
+                        n: int = INT8_CALIBRATION, seed: int = 0,
+                        start: int = 0) -> list[torch.Tensor] | None:
+    """int8: n train images drawn at random (seed), normalised, in batches; start skips the
+    first ones drawn (the check images follow the calibration ones, so they are held out)."""
     if split is None:
         return None
-    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[:n])
+    idx = np.sort(np.random.default_rng(seed).permutation(len(split))[start:start + n])
+    if len(idx) == 0:
+        return []
     loader = torch.utils.data.DataLoader(SplitDataset(split, backbone.preprocess.geometric, idx),
                                          batch_size=min(batch_size, 64),
                                          collate_fn=collate_skipping)

@@ -55,6 +55,7 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
                                       shard_size=cfg.shard_size, dtype=cfg.feature_dtype,
                                       progress=progress, ctx=ctx, engine=cfg.engine,
                                       calibration=dataset.splits.get(FIT_SPLIT),
+                                      int8_max_drop=cfg.int8_max_drop,
                                       resize_on=cfg.resize_on, compile=cfg.compile)
         if not ctx.main:  # rank 0 alone writes the run directory
             continue
@@ -68,6 +69,8 @@ def extract(cfg: RunConfig, *, progress: bool = True) -> Path:
         frames.append(split.examples[ok])
         _write_split_features(out, name, entry, arrays, ok)
         entries[name] = {"cache_entry": str(entry.dir), "key": entry.key, "skipped": int(len(bad))}
+        if "int8_check" in entry.manifest()["meta"]:  # int8's measured agreement with fp32
+            entries[name]["int8_check"] = entry.manifest()["meta"]["int8_check"]
     distributed.shutdown()  # the later stages run on rank 0 alone
     if not ctx.main:
         return out
