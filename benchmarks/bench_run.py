@@ -88,10 +88,11 @@ def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
     outside = total - secs.get("extract", 0.0)
     print(f"\n{machine()}; torch {torch.__version__}")
     print(f"{args.model}, {args.train:,} train + {args.test:,} test images, batch "
-          f"{args.batch_size}, precision {args.precision}, {default_num_workers()} workers\n")
+          f"{args.batch_size}, engine {args.engine}, precision {args.precision}, "
+          f"{default_num_workers()} workers\n")
     print(f"{'row':<34} {'seconds':>8} {'img/s':>8} {'share':>7}")
     print(f"{'plain loop (PIL, fp32 NCHW)':<34} {n_images / loop:8.1f} {loop:8.1f}")
-    print(f"{'roof (forward only)':<34} {n_images / roof_v:8.1f} {roof_v:8.1f}")
+    print(f"{'roof (torch forward only)':<34} {n_images / roof_v:8.1f} {roof_v:8.1f}")
     for stage, s in secs.items():
         if stage != "total":
             print(f"{'  run: ' + stage:<34} {s:8.1f} {'':>8} {s / total:7.1%}")
@@ -100,7 +101,7 @@ def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
           f"{run_ips / roof_v:.2f}; outside extraction: {outside / total:.1%} of the run "
           f"(target <= 25%)")
     return {"machine": machine(), "model": args.model, "train": args.train, "test": args.test,
-            "batch_size": args.batch_size, "precision": args.precision,
+            "batch_size": args.batch_size, "precision": args.precision, "engine": args.engine,
             "plain_loop_img_s": loop, "roof_img_s": roof_v, "run_img_s": run_ips,
             "stage_seconds": secs, "outside_extraction_share": outside / total}
 
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--engine", default="torch", help="torch | openvino | auto (the roof and the "
+                    "plain loop stay torch's)")
     ap.add_argument("--quick", action="store_true", help="cifar_resnet20, 500 + 200 images")
     args = ap.parse_args()
     if args.quick:
@@ -127,7 +130,7 @@ def main() -> None:
         cfg = build_config(model=args.model, random_init=True, data="imagefolder",
                            train=str(train), test=str(test), out=str(tmp / "run"),
                            cache_dir=str(tmp / "cache"), batch_size=args.batch_size,
-                           precision=args.precision)
+                           precision=args.precision, engine=args.engine)
         result = report(args, n, loop, roof_v, timed_run(cfg))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
