@@ -72,7 +72,8 @@ def run_combo(bb, data, engine, precision, cache, batch):
                                      calibration=data.splits["train"])
         secs[name] = time.perf_counter() - t
         if "int8_check" in entry.manifest()["meta"]:
-            print(f"{engine} {precision} {name}: int8_check {entry.manifest()['meta']['int8_check']}")
+            check = entry.manifest()["meta"]["int8_check"]
+            print(f"{engine} {precision} {name}: int8_check {check}")
     return out, secs
 
 
@@ -121,14 +122,16 @@ def main():
     ref, ref_s = res["torch", "fp32"]
     ref_knn = knn_predict(ref["train"]["embedding"], y_tr, ref["test"]["embedding"])
     print(f"{a.model} @ {a.image_size or 'native'}: {a.train} train + {a.test} test images")
-    print("engine    precision  train s  run img/s  x torch-fp32  setup s  steady img/s  x torch-fp32"
+    print("engine    precision  train s  run img/s  x torch-fp32  setup s  steady img/s"
+          "  x torch-fp32"
           "  top-1 agree  kNN agree  kNN acc")
     for (eng, prec), (o, s) in res.items():
         setup, rate = rates[eng, prec]
         knn = knn_predict(o["train"]["embedding"], y_tr, o["test"]["embedding"])
         top1 = (np.mean(o["test"]["logits"].argmax(1) == ref["test"]["logits"].argmax(1))
                 if "logits" in o["test"] else float("nan"))
-        print(f"{eng:9s} {prec:9s} {s['train']:7.1f}  {a.test / s['test']:9.1f}  {ref_s['test'] / s['test']:11.2f}"
+        print(f"{eng:9s} {prec:9s} {s['train']:7.1f}  {a.test / s['test']:9.1f}"
+              f"  {ref_s['test'] / s['test']:11.2f}"
               f"  {setup:7.1f}  {rate:12.1f}  {rate / rates['torch', 'fp32'][1]:11.2f}"
               f"  {100 * top1:10.2f}%  {100 * np.mean(knn == ref_knn):8.2f}%"
               f"  {100 * np.mean(knn == y_te):6.2f}%")

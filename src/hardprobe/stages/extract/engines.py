@@ -12,8 +12,9 @@ or None) as float32 numpy, the same pair as `Backbone.forward`.
     OpenVINO cannot convert stops with a ConfigError that names --engine torch;
   - cpu without openvino -> torch, logged.
 `--precision int8` needs openvino and nncf (`pip install hardprobe[openvino]`); it is never
-chosen by auto, and it reports its top-1 agreement with fp32 (see _quantize). `--compile` runs the torch engine's forward through torch.compile, and eager
-with a warning when it cannot compile (no C compiler, an unsupported op).
+chosen by auto, and it reports its top-1 agreement with fp32 (see _quantize). `--compile`
+runs the torch engine's forward through torch.compile, and eager with a warning when it
+cannot compile (no C compiler, an unsupported op).
 """
 from __future__ import annotations
 
