@@ -223,13 +223,19 @@ def _quantize(ov_model, calibration, validation, max_drop: float = INT8_MAX_DROP
 
 def _reference_outputs(ov_model, batches):
     """[(x, fp32 embedding (B, D), fp32 top-1 (B,) or None)] from ov_model in f32."""
-    import openvino as ov
-    ref = ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    ref = _compile_f32(ov_model)
     out = []
     for x in batches:
         r = ref(x)
         out.append((x, np.asarray(r[0]), np.asarray(r[1]).argmax(1) if len(r) > 1 else None))
     return out
+
+
+def _compile_f32(ov_model):
+    """ov_model compiled for the CPU with f32 inference (int8 ops stay int8): no CACHE_DIR,
+    since these models are compiled once for the check."""
+    import openvino as ov
+    return ov.Core().compile_model(ov_model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
 
 
 def _agreement(compiled, items) -> float:
@@ -249,8 +255,7 @@ def _agreement(compiled, items) -> float:
 
 
 def _check(q, items, held_out: bool) -> dict:
-    import openvino as ov
-    compiled = ov.Core().compile_model(q, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = _compile_f32(q)
     metric = "top1_agreement" if items[0][2] is not None else "embedding_cosine"
     check = {metric: round(_agreement(compiled, items), 6),
              "images": int(sum(len(x) for x, _, _ in items)), "held_out": held_out}
