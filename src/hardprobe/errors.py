@@ -19,6 +19,19 @@ class DataError(HardprobeError, ValueError):
     """A dataset that cannot be read as asked; the message says how to fix it."""
 
 
+class MixedImageSizesError(DataError):
+    """Images of different sizes in one batch, and a preprocessing that does not bring them
+    to one size (collate_skipping on the workers, Preprocess.geometric_batch on the device).
+    Built by `of`; the constructor keeps Exception's (message), since a DataLoader worker's
+    error is re-raised in the main process as exc_type(message)."""
+
+    @classmethod
+    def of(cls, shapes) -> MixedImageSizesError:
+        return cls(f"images of different sizes {sorted(set(shapes))[:3]} cannot be batched: "
+                   f"this model's preprocessing does not resize and crop them to one size; "
+                   f"pass --image-size N")
+
+
 class RunDirError(HardprobeError, FileNotFoundError):
     """A run directory that lacks what a stage needs (run the stage it names first)."""
 

@@ -14,7 +14,7 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, MixedImageSizesError
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,9 @@ class Preprocess:
         for rows in groups.values():
             for j, y in zip(rows, self.geometric(torch.stack([images[j] for j in rows]))):
                 out[j] = y
-        shapes = sorted({tuple(y.shape) for y in out})
+        shapes = {tuple(y.shape) for y in out}
         if len(shapes) > 1:
-            raise DataError(f"images of different sizes {shapes[:3]} cannot be batched: this "
-                            f"model's preprocessing does not resize and crop them to one size; "
-                            f"pass --image-size N")
+            raise MixedImageSizesError.of(shapes)
         return torch.stack(out)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:

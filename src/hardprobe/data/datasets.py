@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from PIL import Image, ImageOps
 
-from ..errors import DataError
+from ..errors import DataError, MixedImageSizesError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 EXAMPLE_COLUMNS = ["id", "split", "path", "label", "label_name"]
@@ -80,9 +80,7 @@ def collate_skipping(batch):
     try:
         x = torch.stack(ok)
     except RuntimeError as e:  # images of different sizes and no resize/crop to unify them
-        shapes = sorted({tuple(x.shape) for x in ok})
-        raise DataError(f"images of different sizes {shapes[:3]} cannot be batched: this model's "
-                        f"preprocessing does not resize; pass --image-size N") from e
+        raise MixedImageSizesError.of(tuple(x.shape) for x in ok) from e
     return x, rows, failed
 
 
