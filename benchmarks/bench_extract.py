@@ -29,18 +29,22 @@ from PIL import Image
 from hardprobe.backbones import create_backbone
 from hardprobe.core.device import default_num_workers, resolve_precision
 from hardprobe.data.datasets import load_imagefolder
+from hardprobe.stages.extract.engines import AUTOCAST_DTYPES
 from hardprobe.stages.extract.features import extract_split
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 OUT = Path(__file__).resolve().parent / "results"
 
 
-def make_images(root: Path, n: int, split: str = "test") -> Path:
+def make_images(root: Path, n: int, split: str = "test", source: Path | None = None) -> Path:
     """n CIFAR-sized JPEGs of `split` as an ImageFolder tree <root>/<split>/<class>/: the
-    shared ones (n/10 per class) if present, else noise in 10 classes."""
-    tar = SHARED / "data" / "cifar10-jpeg" / f"{split}.tar"
-    if tar.exists():
-        with tarfile.open(tar) as t:
+    shared ones (n/10 per class) if present, else noise in 10 classes. source: a folder
+    holding <split>.tar or <split>.tar.gz of that layout (default: ../shared's CIFAR-10)."""
+    source = Path(source) if source else SHARED / "data" / "cifar10-jpeg"
+    tar = next((t for t in (source / f"{split}.tar", source / f"{split}.tar.gz") if t.exists()),
+               None)
+    if tar is not None:
+        with tarfile.open(tar) as t:  # mode "r": plain or gzip, told by the file
             by_class: dict[str, list] = {}
             for m in t.getmembers():
                 if m.isfile():
@@ -57,8 +61,10 @@ def make_images(root: Path, n: int, split: str = "test") -> Path:
     return root / split
 
 
-def baseline(model_name: str, folder: Path, batch_size: int, workers: int) -> float:
-    """images/s of the plain recipe: torchvision ImageFolder + PIL transforms + fp32 NCHW."""
+def baseline(model_name: str, folder: Path, batch_size: int, workers: int,
+             device: str = "cpu") -> float:
+    """images/s of the plain recipe: torchvision ImageFolder + PIL transforms + fp32 NCHW, each
+    batch copied to `device` as it comes (on CUDA: the clock stops after a synchronise)."""
     from torchvision import datasets, transforms
     bb = create_backbone(model_name, random_init=True)
     p = bb.preprocess
@@ -67,14 +73,20 @@ def baseline(model_name: str, folder: Path, batch_size: int, workers: int) -> fl
     tf = transforms.Compose(geometric + [transforms.ToTensor(), transforms.Normalize(p.mean, p.std)])
     loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), tf),
                                          batch_size=batch_size, num_workers=workers)
-    model = bb.model.eval()
+    model = bb.model.eval().to(device)
     t0 = time.perf_counter()
     n = 0
     with torch.no_grad():
         for x, _ in loader:
-            model(x)
+            model(x.to(device))
             n += len(x)
+    _sync(device)
     return n / (time.perf_counter() - t0)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def ours(model_name: str, folder: Path, batch_size: int, workers: int, precision: str) -> float:
@@ -87,20 +99,26 @@ def ours(model_name: str, folder: Path, batch_size: int, workers: int, precision
         return len(split) / (time.perf_counter() - t0)
 
 
-def roof(model_name: str, n: int, batch_size: int, precision: str) -> float:
-    """Forward alone on ready, normalised tensors: the most extraction can reach."""
+def roof(model_name: str, n: int, batch_size: int, precision: str, device: str = "cpu") -> float:
+    """Forward alone on ready, normalised tensors on `device`: the most extraction can reach.
+    precision bf16 / fp16: the autocast that extract's torch engine uses."""
+    dev = torch.device(device)
     bb = create_backbone(model_name, random_init=True)
-    bb.model.to(memory_format=torch.channels_last)
+    bb.model.to(dev, memory_format=torch.channels_last)
     size = bb.preprocess.output_size or 32  # None: the CIFAR nets take the image as it is
-    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else _null()
+    x = torch.randn(batch_size, 3, size, size, device=dev).contiguous(
+        memory_format=torch.channels_last)
+    dtype = AUTOCAST_DTYPES.get(precision)
+    ctx = _null() if dtype is None else torch.autocast(dev.type, dtype=dtype)
     with torch.inference_mode(), ctx:
-        bb(x)  # warm-up: oneDNN picks its kernels on the first call
+        bb(x)  # warm-up: oneDNN / cuDNN pick their kernels on the first call
+        _sync(dev)
         t0 = time.perf_counter()
         done = 0
         while done < n:
             bb(x)
             done += batch_size
+        _sync(dev)
     return done / (time.perf_counter() - t0)
 
 

@@ -3,8 +3,11 @@ forward-only roof measured in the same process (issue 16).
 
     python benchmarks/bench_run.py                       # resnet50 @ 224, 5,000 train + 1,000 test
     python benchmarks/bench_run.py --quick               # cifar_resnet20 @ 32, 500 + 200 (a smoke run)
+    python benchmarks/bench_run.py --device cuda --precision bf16 --train 50000 --test 10000 \
+        --images DIR                                     # a GPU: DIR holds {train,test}.tar[.gz]
 
-Images: CIFAR-10 JPEGs from ../shared (stratified by class) when present, else generated noise.
+Images: CIFAR-10 JPEGs from ../shared, or --images (stratified by class), when present, else
+generated noise.
 Speed does not depend on the weights, so the model is random-init (`--random-init`, never a
 silent fallback: the run records it). Rows, all in one process, one after another:
   plain loop  PIL Resize + ToTensor + Normalize, fp32 NCHW, no_grad, over train + test
@@ -64,6 +67,7 @@ def timed_run(cfg) -> dict[str, float]:
             finally:
                 label = a[1] if name == "_step" else name
                 secs[label] = secs.get(label, 0.0) + time.perf_counter() - t0
+                print(f"  run: {label} {secs[label]:.1f} s", flush=True)  # a cut run keeps it
         return inner
 
     saved = {n: getattr(pipeline, n) for n in ("extract", "classify_if_changed", "_step",
@@ -82,11 +86,17 @@ def timed_run(cfg) -> dict[str, float]:
     return secs
 
 
+def device_name(device: str) -> str:
+    """The CUDA card's name, or 'cpu'."""
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+
+
 def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
     total = secs["total"]
     run_ips = n_images / total
     outside = total - secs.get("extract", 0.0)
-    print(f"\n{machine()}; torch {torch.__version__}")
+    print(f"\n{machine()}; device {device_name(args.device)}; torch {torch.__version__}")
     print(f"{args.model}, {args.train:,} train + {args.test:,} test images, batch "
           f"{args.batch_size}, engine {args.engine}, precision {args.precision}, "
           f"{default_num_workers()} workers\n")
@@ -100,7 +110,7 @@ def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
     print(f"\nwhole run / plain loop = {run_ips / loop:.2f} (higher = faster); whole run / roof = "
           f"{run_ips / roof_v:.2f}; outside extraction: {outside / total:.1%} of the run "
           f"(target <= 25%)")
-    return {"machine": machine(), "model": args.model, "train": args.train, "test": args.test,
+    return {"machine": machine(), "device": device_name(args.device), "model": args.model, "train": args.train, "test": args.test,
             "batch_size": args.batch_size, "precision": args.precision, "engine": args.engine,
             "plain_loop_img_s": loop, "roof_img_s": roof_v, "run_img_s": run_ips,
             "stage_seconds": secs, "outside_extraction_share": outside / total}
@@ -115,22 +125,30 @@ def main() -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--engine", default="torch", help="torch | openvino | auto (the roof and the "
                     "plain loop stay torch's)")
+    ap.add_argument("--device", default="cpu", help="where the loop, the roof and the run go")
+    ap.add_argument("--images", help="folder holding train.tar[.gz] and test.tar[.gz] (CIFAR-10 "
+                    "JPEGs by class; default: ../shared's)")
     ap.add_argument("--quick", action="store_true", help="cifar_resnet20, 500 + 200 images")
     args = ap.parse_args()
     if args.quick:
         args.model, args.train, args.test = "cifar_resnet20", 500, 200
     tmp = Path(tempfile.mkdtemp(prefix="bench_run_"))
     try:
-        train, test = make_images(tmp, args.train, "train"), make_images(tmp, args.test, "test")
+        train, test = (make_images(tmp, k, split, args.images)
+                       for k, split in ((args.train, "train"), (args.test, "test")))
+        # a source with fewer images than asked gives what it has: count them
+        args.train, args.test = (sum(1 for f in d.rglob("*") if f.is_file()) for d in (train, test))
         n = args.train + args.test
         workers = default_num_workers()
-        loop = n / sum(k / baseline(args.model, folder, args.batch_size, workers)
+        loop = n / sum(k / baseline(args.model, folder, args.batch_size, workers, args.device)
                        for folder, k in ((train, args.train), (test, args.test)))  # img/s
-        roof_v = roof(args.model, n, args.batch_size, args.precision)
+        print(f"plain loop: {loop:.1f} img/s", flush=True)
+        roof_v = roof(args.model, n, args.batch_size, args.precision, args.device)
+        print(f"roof: {roof_v:.1f} img/s", flush=True)
         cfg = build_config(model=args.model, random_init=True, data="imagefolder",
                            train=str(train), test=str(test), out=str(tmp / "run"),
                            cache_dir=str(tmp / "cache"), batch_size=args.batch_size,
-                           precision=args.precision, engine=args.engine)
+                           precision=args.precision, engine=args.engine, device=args.device)
         result = report(args, n, loop, roof_v, timed_run(cfg))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,10 +11,11 @@ needs one compact array per image, read once from the images themselves:
 Both dataset sources expose images the same way (`Split.decode(row)` -> uint8 (3, H, W)), so
 an ImageFolder run and a CIFAR-10 pickle run (which has no image files) are read alike.
 `run_thumbnails` caches the array in the run directory (RUN_DIR/duplicates/grey32.npy, with
-the ids it belongs to), so the images are decoded once per run.
+the ids it belongs to), so the images are decoded once per run, by DataLoader workers.
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..core.io import atomic_save_npy
 from ..errors import DataError
+from .datasets import SplitDataset
 
 log = logging.getLogger(__name__)
 
@@ -49,32 +51,46 @@ def grey_thumbnail(image: torch.Tensor, size: int = GREY_SIZE) -> np.ndarray:
     return g[0, 0].round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def split_thumbnails(decode, rows, *, size: int = GREY_SIZE, desc: str = "thumbnails",
-                     progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Grey thumbnails of `rows` of a split, decoded with `decode(row)` -> uint8 (3, H, W).
+def split_thumbnails(split, rows, *, size: int = GREY_SIZE, desc: str = "thumbnails",
+                     num_workers: int = 0, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Grey thumbnails of `rows` of a split (`Split.decode(row)` -> uint8 (3, H, W)), decoded
+    by `num_workers` DataLoader workers (0: in this process).
 
     Returns ((n, size, size) uint8, ok (n,) bool). An image that cannot be decoded (DataError)
     gets an all-zero thumbnail and ok False: it is then nobody's duplicate."""
     rows = np.asarray(rows, dtype=np.int64)
     out = np.zeros((len(rows), size, size), dtype=np.uint8)
     ok = np.ones(len(rows), dtype=bool)
-    for j, r in enumerate(tqdm(rows, desc=desc, unit="img", disable=not progress,
-                               mininterval=2.0)):
-        try:
-            out[j] = grey_thumbnail(decode(int(r)), size)
-        except DataError as e:
-            ok[j] = False
-            log.warning("duplicates: %s", e)
+    at = {int(r): j for j, r in enumerate(rows)}
+    loader = torch.utils.data.DataLoader(
+        SplitDataset(split, functools.partial(grey_thumbnail, size=size), rows),
+        batch_size=256, num_workers=num_workers, collate_fn=_as_list)
+    with tqdm(total=len(rows), desc=desc, unit="img", disable=not progress,
+              mininterval=2.0) as bar:
+        for batch in loader:
+            for thumb, r, err in batch:
+                if err:
+                    ok[at[r]] = False
+                    log.warning("duplicates: %s", err)
+                else:
+                    out[at[r]] = thumb
+            bar.update(len(batch))
     return out, ok
 
 
-def run_thumbnails(run, *, cache: bool = True, progress: bool = True) -> np.ndarray:
+def _as_list(batch):  # module level so that DataLoader workers can pickle it
+    return batch
+
+
+def run_thumbnails(run, *, cache: bool = True, num_workers: int = 0,
+                   progress: bool = True) -> np.ndarray:
     """(N, 32, 32) uint8 grey thumbnails of a run's examples, in the row order of
     `run.examples`. `run` is a `hardprobe.rundir.Run` (duck-typed: examples, dataset(), path).
 
     Cached in RUN_DIR/duplicates/grey32.npy next to the ids they belong to; the cache is used
     only when those ids equal the table's (same examples, same order). Images are reopened
-    through `run.dataset()`, which refuses images changed since the run was made."""
+    through `run.dataset()`, which refuses images changed since the run was made, and
+    decoded by `num_workers` DataLoader workers (0: in this process)."""
     ids = run.examples["id"].astype(str).to_numpy()
     folder = Path(run.path) / CACHE_DIR
     if cache and (folder / CACHE_FILE).exists() and (folder / CACHE_IDS).exists():
@@ -95,8 +111,8 @@ def run_thumbnails(run, *, cache: bool = True, progress: bool = True) -> np.ndar
             raise DataError(f"{len(missing)} examples of split {name!r} (e.g. {missing[0]}) are "
                             f"not in the dataset any more; rerun `hardprobe run`")
         rows = np.array([row_of[ids[w]] for w in where], dtype=np.int64)
-        out[where], _ = split_thumbnails(split.decode, rows, desc=f"thumbnails {name}",
-                                         progress=progress)
+        out[where], _ = split_thumbnails(split, rows, desc=f"thumbnails {name}",
+                                         num_workers=num_workers, progress=progress)
     if cache:
         atomic_save_npy(folder / CACHE_FILE, out)
         atomic_save_npy(folder / CACHE_IDS, ids.astype(str))

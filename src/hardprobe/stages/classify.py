@@ -11,7 +11,7 @@ import pandas as pd
 
 from ..config import RunConfig, load_config, save_config
 from ..core.cache import key_digest
-from ..core.device import resolve_device
+from ..core.device import default_num_workers, resolve_device
 from ..core.io import write_json
 from ..core.stats import softmax
 from ..data.datasets import EXAMPLE_COLUMNS
@@ -82,7 +82,9 @@ def classify_if_changed(run_dir: str | Path, cfg: RunConfig, *, progress: bool =
 def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
     """-> (table of classify's columns, metrics, fitted heads, {head: {split: probs}})."""
     fitted: dict = {}  # the fitted heads, stored in RUN_DIR/heads/
-    dups = duplicate_groups.duplicate_table(run, progress=progress) if cfg.duplicates else None
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    dups = (duplicate_groups.duplicate_table(run, num_workers=workers, progress=progress)
+            if cfg.duplicates else None)
     groups = None if dups is None else duplicate_groups.fit_groups(dups, run)
     probs, neighbor_labels = _head_probabilities(run, cfg, n_classes, fitted, groups)
     frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,

@@ -50,11 +50,12 @@ SEARCH_VERSION = 1
 TABLE_FILE, TABLE_KEY = "table.parquet", "table_key.json"
 
 
-def duplicate_table(run, *, progress: bool = True) -> pd.DataFrame:
+def duplicate_table(run, *, num_workers: int = 0, progress: bool = True) -> pd.DataFrame:
     """id, duplicate_group, train_duplicate for every row of run.examples (same order);
-    read from RUN_DIR/duplicates/ when its key (thumbnails, splits, rule) is unchanged."""
+    read from RUN_DIR/duplicates/ when its key (thumbnails, splits, rule) is unchanged.
+    num_workers: DataLoader workers decoding the thumbnails (0: this process)."""
     try:
-        grey = run_thumbnails(run, progress=progress)
+        grey = run_thumbnails(run, num_workers=num_workers, progress=progress)
     except DataError as e:
         raise DataError(f"{e}; or skip duplicate detection with `--no-duplicates`") from e
     splits = run.examples["split"].to_numpy().astype(str)

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ...config import check_config, option
 from ...core.cache import key_digest, sha256_bytes_of
+from ...core.device import default_num_workers
 from ...core.io import read_json, write_json
 from ...data.label_files import human_columns, read_soft_labels
 from ...rundir.layout import FIT_SPLIT, primary_head, require
@@ -70,7 +71,8 @@ class DiagnoseConfig:
     soft_labels_split: str = option("test", help="the split --soft-labels describes")
     seed: int = option(0, help="seed (recorded; the rules are deterministic)")
     batch_size: int = option(256, help="images per batch when reading images")
-    num_workers: int = option(0, help="DataLoader workers reading images")
+    num_workers: int | None = option(None, help="DataLoader workers reading images (default: "
+                                     "the cores less one, at most 8)")
     progress: bool = option(True, help="progress bars")
 
 
@@ -139,8 +141,10 @@ def _with_human(run, split: str, cfg, df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _options(cfg: DiagnoseConfig) -> dict:
-    """The options that shape the output (summary.json's "options"; progress does not)."""
-    opts = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name != "progress"}
+    """The options that shape the output (summary.json's "options"; progress and the
+    number of image-reading workers do not)."""
+    opts = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+            if f.name not in ("progress", "num_workers")}
     opts["with_runs"] = [str(Path(p).resolve()) for p in cfg.with_runs]
     return opts
 
@@ -187,7 +191,8 @@ def _quality(run, cfg: DiagnoseConfig):
     """-> (stats by id with iq_ columns, fences) or (None, None) without images."""
     if not cfg.images:
         return None, None
-    st = evidence.image_stats(run, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
+    st = evidence.image_stats(run, batch_size=cfg.batch_size, num_workers=workers,
                               progress=cfg.progress)
     if st is None:
         return None, None
