@@ -144,8 +144,11 @@ def class_similarity(run, split: str, k: int, classes=None, chunk: int = 4096) -
     return out
 
 
-def _as_list(batch):  # module level so that DataLoader workers can pickle it
-    return batch
+def _as_arrays(batch):  # module level so that DataLoader workers can pickle it
+    """[(uint8 (3, H, W) tensor or None, row, error)] -> the same with numpy images: a worker
+    sends a tensor through its own shared-memory segment, an array inside the batch's pickle
+    (one message per batch, not one segment per image)."""
+    return [(None if x is None else x.numpy(), i, err) for x, i, err in batch]
 
 
 def image_stats(run, *, batch_size: int, num_workers: int, progress: bool) -> pd.DataFrame | None:
@@ -164,14 +167,14 @@ def image_stats(run, *, batch_size: int, num_workers: int, progress: bool) -> pd
         rows = np.flatnonzero(pd.Series(ids).isin(want).to_numpy())
         loader = torch.utils.data.DataLoader(SplitDataset(split, None, rows),
                                              batch_size=batch_size, num_workers=num_workers,
-                                             collate_fn=_as_list)
+                                             collate_fn=_as_arrays)
         for batch in tqdm(loader, desc=f"image statistics ({name})", disable=not progress):
             ok = [(x, i) for x, i, err in batch if not err]
             shapes: dict = {}
             for x, i in ok:
                 shapes.setdefault(tuple(x.shape), []).append((x, i))
             for group in shapes.values():
-                arr = torch.stack([x for x, _ in group]).permute(0, 2, 3, 1).numpy()
+                arr = np.stack([x for x, _ in group]).transpose(0, 2, 3, 1)  # (B, H, W, 3)
                 st = image_quality.image_statistics(arr)
                 st.insert(0, "id", ids[[i for _, i in group]])
                 frames.append(st)
