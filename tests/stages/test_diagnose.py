@@ -260,6 +260,25 @@ def test_stored_probabilities_spare_the_linear_refit(base, tmp_path, monkeypatch
     assert s == hardprobe.load_run(refit).metrics["diagnose"]["label_errors"]
 
 
+def test_stored_neighbours_spare_the_second_knn_search(base, tmp_path, monkeypatch):
+    # classify stores the train rows its kNN voted with; diagnose reads them and gets the
+    # neighbours a fresh search gives (same k, same left-out duplicate groups)
+    from hardprobe.heads import KNNClassifier
+    from hardprobe.stages.diagnose.evidence import HeadProbs
+    run = hardprobe.load_run(Path(shutil.copytree(base, tmp_path / "run")))
+    for split in ("train", "test"):
+        stored = run.knn_neighbors(split)
+        assert stored is not None and stored.shape == (len(run.split_examples(split)), 10)
+        fresh = HeadProbs(run, 3).knn(split)[2]
+        assert (np.sort(stored, 1) == np.sort(fresh, 1)).mean() > 0.99  # up to exact ties
+
+    def no_search(*a, **k):
+        raise AssertionError("diagnose searched the neighbours again")
+    monkeypatch.setattr(KNNClassifier, "predict_proba_and_neighbors", no_search)
+    diagnose_run(run.path, images=False, progress=False)
+    assert "failure_mode" in hardprobe.load_run(run.path).examples
+
+
 def test_stored_probabilities_of_another_shape_are_not_used(base, tmp_path):
     from hardprobe.stages.diagnose.evidence import HeadProbs
     run_dir = Path(shutil.copytree(base, tmp_path / "run"))

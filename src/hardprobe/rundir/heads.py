@@ -151,12 +151,20 @@ def probs_path(run_path, split: str, head: str) -> Path:
     return Path(run_path) / HEADS_DIR / PROBS_DIR / f"{split}.{head}.npy"
 
 
-def save_probs(run_path, probs: dict) -> None:
-    """Write probs = {head: {split: (N_split, C)}} as heads/probs/<split>.<head>.npy; the
-    files of an earlier classify are removed first, so only this one's remain."""
+def neighbors_path(run_path, split: str) -> Path:
+    return Path(run_path) / HEADS_DIR / PROBS_DIR / f"{split}.knn_neighbors.npy"
+
+
+def save_probs(run_path, probs: dict, neighbors: dict | None = None) -> None:
+    """Write probs = {head: {split: (N_split, C)}} as heads/probs/<split>.<head>.npy and
+    neighbors = {split: (N_split, k) train rows kNN voted with} as
+    heads/probs/<split>.knn_neighbors.npy; the files of an earlier classify are removed
+    first, so only this one's remain."""
     d = Path(run_path) / HEADS_DIR / PROBS_DIR
     for old in d.glob("*.npy") if d.exists() else ():
         old.unlink()
     for head, per_split in probs.items():
         for split, p in per_split.items():
             atomic_save_npy(probs_path(run_path, split, head), np.asarray(p, np.float32))
+    for split, rows in (neighbors or {}).items():
+        atomic_save_npy(neighbors_path(run_path, split), np.asarray(rows, np.int32))

@@ -87,6 +87,14 @@ class Run:
         p = probs_path(self.path, split, head)
         return np.load(p) if p.exists() else None
 
+    def knn_neighbors(self, split: str) -> np.ndarray | None:
+        """(N_split, k) int32 rows of the train split that classify's kNN voted with on
+        `split` (leave-one-out on train, duplicate groups left out), or None when the run
+        has none stored."""
+        from .heads import neighbors_path
+        p = neighbors_path(self.path, split)
+        return np.load(p) if p.exists() else None
+
     def split_examples(self, split: str) -> pd.DataFrame:
         return self.examples[self.examples["split"] == split].reset_index(drop=True)
 

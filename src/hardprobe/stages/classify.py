@@ -52,7 +52,7 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None, *, progress: boo
     check_fit_classes(run.split_examples(FIT_SPLIT)["label"], run.class_names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples, metrics, fitted, probs = _classify(run, cfg, n_classes, progress)
+        examples, metrics, fitted, probs, neighbors = _classify(run, cfg, n_classes, progress)
     for w in caught:  # shown to the user and kept in the run, not lost in a log
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     metrics["warnings"] = sorted({str(w.message) for w in caught})
@@ -63,7 +63,7 @@ def classify(run_dir: str | Path, cfg: RunConfig | None = None, *, progress: boo
     save_heads(run.path, fitted, classify_key=key, n_classes=n_classes,  # explain, perturb
                train_features=run.provenance["features"][FIT_SPLIT]["key"],
                train_labels=run.split_examples(FIT_SPLIT)["label"].to_numpy())
-    save_probs(run.path, probs)  # diagnose reads them instead of refitting
+    save_probs(run.path, probs, neighbors)  # diagnose reads them instead of refitting
     run.stamp("classify", key)
     return metrics
 
@@ -80,13 +80,16 @@ def classify_if_changed(run_dir: str | Path, cfg: RunConfig, *, progress: bool =
 
 
 def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
-    """-> (table of classify's columns, metrics, fitted heads, {head: {split: probs}})."""
+    """-> (table of classify's columns, metrics, fitted heads, {head: {split: probs}},
+    {split: (N, k) train rows of the kNN vote})."""
     fitted: dict = {}  # the fitted heads, stored in RUN_DIR/heads/
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
     dups = (duplicate_groups.duplicate_table(run, num_workers=workers, progress=progress)
             if cfg.duplicates else None)
     groups = None if dups is None else duplicate_groups.fit_groups(dups, run)
-    probs, neighbor_labels = _head_probabilities(run, cfg, n_classes, fitted, groups)
+    probs, neighbors = _head_probabilities(run, cfg, n_classes, fitted, groups)
+    fit_y = run.split_examples(FIT_SPLIT)["label"].to_numpy()
+    neighbor_labels = {s: fit_y[rows] for s, rows in neighbors.items()}
     frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
                            "class_names": run.class_names}
     issue_head = _issue_head(cfg, probs)
@@ -123,7 +126,7 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
         metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
                                                     -fit["label_quality"].to_numpy(float))
     _mark_upper_bounds(metrics, run_flag(run.provenance))
-    return out, metrics, fitted, probs
+    return out, metrics, fitted, probs, neighbors
 
 
 def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
@@ -142,13 +145,13 @@ def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
 
 
 def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, groups=None):
-    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour labels});
+    """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour train rows});
     fills fitted = {"knn": KNNClassifier, "linear": LinearProbe} (the heads it fitted).
     groups: (N_train,) duplicate groups (-1 = none) or None: a train example's group is left
     out of its kNN vote and kept inside its linear-probe fold."""
     fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
     others = [s for s in run.splits if s != FIT_SPLIT]
-    probs, neighbor_labels = {}, {}
+    probs, neighbors = {}, {}
     if "knn" in cfg.heads:
         k = min(cfg.k, len(fit_x) - 1)
         if k < cfg.k:
@@ -167,7 +170,7 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, 
             x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
             p, _, idx = knn.predict_proba_and_neighbors(
                 x, exclude_self=x is None, exclude_groups=groups if x is None else None)
-            probs["knn"][s], neighbor_labels[s] = p, fit_y[idx]
+            probs["knn"][s], neighbors[s] = p, idx
         # its parameters are what heads/ stores (the state is the train features + labels):
         # a shell of the same parameters, so the normalised copy is freed before the probe fits
         fitted["knn"] = KNNClassifier(**knn.get_params())
@@ -188,7 +191,7 @@ def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, 
     if not probs:
         raise ConfigError(f"no head could run: heads={cfg.heads} and the model's own classifier "
                          "does not apply to this dataset; add knn or linear")
-    return probs, neighbor_labels
+    return probs, neighbors
 
 
 def _issue_head(cfg: RunConfig, probs: dict) -> str:

@@ -61,6 +61,15 @@ class HeadProbs:
                 exclude_groups=fit_duplicate_groups(self.run) if x is None else None)
         return self._cache["knn", split]
 
+    def neighbors(self, split: str) -> np.ndarray:
+        """(N, k) train rows of the kNN vote on `split`: classify's, when stored for this k
+        (no second search: it costs as much as classify's), else from `knn`."""
+        stored = self.run.knn_neighbors(split)
+        want = (int((self.run.examples["split"] == split).sum()),
+                min(self.cfg.k, len(self.y_fit) - 1))
+        return stored.astype(np.int64) if stored is not None and stored.shape == want \
+            else self.knn(split)[2]
+
     def get(self, head: str, split: str) -> np.ndarray:
         """(N_split, C) probabilities of `head` on `split` (higher = more likely that class)."""
         if ("probs", head, split) not in self._cache:

@@ -239,7 +239,7 @@ def _diagnose_split(run, split, cfg, probs, primary, others, quality) -> pd.Data
     pred = df[f"pred_{primary}"].to_numpy()
     known = ~pd.isna(df[f"pred_{primary}"]).to_numpy()
     wrong = known & (pred != y)
-    nb = probs.y_fit[probs.knn(split)[2]]  # (N, k) neighbour labels
+    nb = probs.y_fit[probs.neighbors(split)]  # (N, k) neighbour labels
     k = nb.shape[1]
     sig = _signals(df, split, primary, others)
     alt, n_for, n_against, n_avail = causes.vote_alternative(y, sig)
