@@ -116,6 +116,22 @@ def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
             "stage_seconds": secs, "outside_extraction_share": outside / total}
 
 
+def steps(run_dir: Path) -> dict:
+    """The stages' own breakdowns, printed and returned: classify_seconds_by_step
+    (metrics.json), similarity's and diagnose's seconds by step (their summary.json)."""
+    found = {}
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        found["classify"] = json.loads(metrics.read_text()).get("classify_seconds_by_step", {})
+    for stage, key in (("similarity", "seconds"), ("diagnose", "seconds_by_step")):
+        f = run_dir / stage / "summary.json"
+        if f.exists():
+            found[stage] = json.loads(f.read_text()).get(key, {})
+    for stage, parts in found.items():
+        print(f"  {stage}: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnet50")
@@ -150,6 +166,7 @@ def main() -> None:
                            cache_dir=str(tmp / "cache"), batch_size=args.batch_size,
                            precision=args.precision, engine=args.engine, device=args.device)
         result = report(args, n, loop, roof_v, timed_run(cfg))
+        result["steps"] = steps(Path(cfg.out))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     write_result("bench_run", args.model, result)

@@ -170,6 +170,24 @@ def test_run_thumbnails_are_cached_for_the_same_ids(planted, tmp_path):
     assert run.calls == 12 and (c == a[::-1]).all()
 
 
+def test_thumbnails_from_workers_equal_the_in_process_ones(tmp_path):
+    # a real ImageFolder split (picklable for the DataLoader workers) with one broken file
+    from conftest import make_folder
+
+    from hardprobe.data.datasets import load_imagefolder
+    from hardprobe.data.descriptors import split_thumbnails
+    root = make_folder(tmp_path / "imgs", 4, 0)
+    split = load_imagefolder(root).splits["train"]
+    broken = Path(split.root) / split.examples["path"].iloc[3]
+    broken.write_bytes(b"not an image")
+    rows = np.arange(len(split))
+    alone, ok_alone = split_thumbnails(split, rows, progress=False)
+    workers, ok_workers = split_thumbnails(split, rows, num_workers=2, progress=False)
+    assert (alone == workers).all() and (ok_alone == ok_workers).all()
+    assert not ok_workers[3] and ok_workers.sum() == len(rows) - 1 and not workers[3].any()
+    assert workers[ok_workers].any(axis=(1, 2)).all()  # every decoded image left a thumbnail
+
+
 def test_report_section_lists_groups_only_when_the_column_exists(tmp_path):
     from conftest import make_folder
 

@@ -260,6 +260,16 @@ def test_stored_probabilities_spare_the_linear_refit(base, tmp_path, monkeypatch
     assert s == hardprobe.load_run(refit).metrics["diagnose"]["label_errors"]
 
 
+def test_classify_and_diagnose_say_where_their_time_went(base, diagnosed):
+    steps = hardprobe.load_run(base).metrics["classify_seconds_by_step"]
+    assert {"duplicates", "knn", "linear"} <= set(steps)
+    total = hardprobe.load_run(base).metrics["classify_seconds"]
+    assert all(v >= 0 for v in steps.values()) and sum(steps.values()) <= total + 0.05
+    summary = hardprobe.load_run(diagnosed).metrics["diagnose"]
+    assert set(summary["seconds_by_step"]) == {"image_statistics", "causes", "slices"}
+    assert sum(summary["seconds_by_step"].values()) <= summary["seconds"] + 0.05
+
+
 def test_stored_neighbours_spare_the_second_knn_search(base, tmp_path, monkeypatch):
     # classify stores the train rows its kNN voted with; diagnose reads them and gets the
     # neighbours a fresh search gives (same k, same left-out duplicate groups)

@@ -44,13 +44,19 @@ def test_openvino_agrees_with_torch(tiny_backbone, tiny_folder, tmp_path, precis
                             calibration=train) for s in (train, test)}
     ov = {s: arrays for s, (arrays, _) in got.items()}
     checks = [entry.manifest()["meta"].get("int8_check") for _, entry in got.values()]
+    agree = {s: (ov[s]["logits"].argmax(1) == ref[s]["logits"].argmax(1)).mean()
+             for s in ("train", "test")}
     if precision == "int8":  # measured on held-out train images (here: too few, in-sample)
-        assert checks[0] == checks[1] and checks[0]["top1_agreement"] >= threshold
+        assert checks[0]["top1_agreement"] >= threshold and "split" not in checks[0]
+        assert {k: v for k, v in checks[1].items() if k != "split"} == checks[0]
+        # ... and on the test split's own images (all 12 here), against fp32 (OpenVINO's,
+        # equal to torch's up to op order: at most one near-tie apart)
+        assert checks[1]["split"]["images"] == len(test)
+        assert checks[1]["split"]["top1_agreement"] == pytest.approx(agree["test"], abs=0.09)
     else:
         assert checks == [None, None]
-    for s in ("train", "test"):
-        agree = (ov[s]["logits"].argmax(1) == ref[s]["logits"].argmax(1)).mean()
-        assert agree >= threshold, (s, agree)
+    for s, a in agree.items():
+        assert a >= threshold, (s, a)
     if precision == "fp32":  # the same arithmetic up to op order
         np.testing.assert_allclose(ov["test"]["embedding"], ref["test"]["embedding"],
                                    rtol=1e-4, atol=1e-5)
@@ -160,6 +166,22 @@ def test_int8_calibrates_on_every_image_and_checks_on_held_out_ones(monkeypatch,
 
 
 @needs_ov
+def test_int8_split_check_compares_the_first_images_with_fp32(tiny_backbone):
+    engines._QUANTIZED.clear()
+    calib = [torch.rand(8, 3, 16, 16) for _ in range(4)]
+    batches = [torch.rand(6, 3, 16, 16) for _ in range(3)]
+    run = engines.make_engine(tiny_backbone, CPU, engine="openvino", precision="int8",
+                              calibration=calib, split_check=10)
+    got = np.concatenate([run(b)[1].argmax(1) for b in batches])[:10]  # 18 seen, 10 checked
+    ref = np.concatenate([tiny_backbone(b)[1].detach().numpy().argmax(1) for b in batches])[:10]
+    split = run.int8_check["split"]
+    assert split["images"] == 10
+    assert split["top1_agreement"] == pytest.approx(np.mean(ref == got), abs=0.1 + 1e-9)
+    assert engines.make_engine(tiny_backbone, CPU, engine="openvino",
+                               precision="fp32", split_check=10).split_check == 0
+
+
+@needs_ov
 def test_int8_run_records_its_agreement_in_provenance(tiny_folder, tmp_path):
     """`hardprobe extract --precision int8` prints the agreement with fp32 and keeps it in
     provenance.json next to each split's features, marked in-sample or held out. In a child
@@ -177,10 +199,14 @@ def test_int8_run_records_its_agreement_in_provenance(tiny_folder, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     prov = read_json(out / "provenance.json")
     checks = [prov["features"][s]["int8_check"] for s in ("train", "test")]
-    assert checks[0] == checks[1] and 0.0 <= checks[0]["top1_agreement"] <= 1.0
+    assert 0.0 <= checks[0]["top1_agreement"] <= 1.0 and "split" not in checks[0]
     assert checks[0]["held_out"] is False  # the tiny train split is all calibration
+    assert {k: v for k, v in checks[1].items() if k != "split"} == checks[0]
+    assert checks[1]["split"]["images"] == 12 and 0.0 <= checks[1]["split"][
+        "top1_agreement"] <= 1.0  # the test split's own images against fp32
     assert prov["precision"] == {"train": "int8", "test": "int8"}
     assert "int8: top1 agreement with fp32" in r.stderr
+    assert "on the first 12 images of test" in r.stderr
 
 
 @needs_ov

@@ -13,6 +13,7 @@ from ..config import RunConfig, load_config, save_config
 from ..core.cache import key_digest
 from ..core.device import default_num_workers, resolve_device
 from ..core.io import write_json
+from ..core.timing import StepTimes
 from ..core.stats import softmax
 from ..data.datasets import EXAMPLE_COLUMNS
 from ..errors import ConfigError
@@ -83,11 +84,13 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
     """-> (table of classify's columns, metrics, fitted heads, {head: {split: probs}},
     {split: (N, k) train rows of the kNN vote})."""
     fitted: dict = {}  # the fitted heads, stored in RUN_DIR/heads/
+    times = StepTimes()  # metrics.json: classify_seconds_by_step
     workers = default_num_workers() if cfg.num_workers is None else cfg.num_workers
-    dups = (duplicate_groups.duplicate_table(run, num_workers=workers, progress=progress)
-            if cfg.duplicates else None)
-    groups = None if dups is None else duplicate_groups.fit_groups(dups, run)
-    probs, neighbors = _head_probabilities(run, cfg, n_classes, fitted, groups)
+    with times("duplicates"):
+        dups = (duplicate_groups.duplicate_table(run, num_workers=workers, progress=progress)
+                if cfg.duplicates else None)
+        groups = None if dups is None else duplicate_groups.fit_groups(dups, run)
+    probs, neighbors = _head_probabilities(run, cfg, n_classes, fitted, groups, times)
     fit_y = run.split_examples(FIT_SPLIT)["label"].to_numpy()
     neighbor_labels = {s: fit_y[rows] for s, rows in neighbors.items()}
     frames, metrics = [], {"heads": {}, "splits": run.splits, "n_classes": n_classes,
@@ -126,6 +129,7 @@ def _classify(run: Run, cfg: RunConfig, n_classes: int, progress: bool):
         metrics["planted_noise"] = scores.detection(planted, fit["label_issue"].to_numpy(bool),
                                                     -fit["label_quality"].to_numpy(float))
     _mark_upper_bounds(metrics, run_flag(run.provenance))
+    metrics["classify_seconds_by_step"] = dict(times)  # the rest of classify_seconds: scoring
     return out, metrics, fitted, probs, neighbors
 
 
@@ -144,54 +148,68 @@ def _mark_upper_bounds(metrics: dict, flag: dict | None) -> None:
     metrics["notes"].append(f"{FIT_SPLIT} figures: {UPPER_BOUND} ({flag['reason']})")
 
 
-def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, groups=None):
+def _head_probabilities(run: Run, cfg: RunConfig, n_classes: int, fitted: dict, groups=None,
+                        times: StepTimes | None = None):
     """-> ({head: {split: (N, C) out-of-sample probs}}, {split: (N, k) neighbour train rows});
     fills fitted = {"knn": KNNClassifier, "linear": LinearProbe} (the heads it fitted).
     groups: (N_train,) duplicate groups (-1 = none) or None: a train example's group is left
-    out of its kNN vote and kept inside its linear-probe fold."""
+    out of its kNN vote and kept inside its linear-probe fold. times: gets the seconds of
+    "knn" and "linear"."""
+    times = StepTimes() if times is None else times
     fit_x, fit_y = run.features(FIT_SPLIT), run.split_examples(FIT_SPLIT)["label"].to_numpy()
-    others = [s for s in run.splits if s != FIT_SPLIT]
     probs, neighbors = {}, {}
     if "knn" in cfg.heads:
-        k = min(cfg.k, len(fit_x) - 1)
-        if k < cfg.k:
-            warnings.warn(f"k={cfg.k} but the train split has {len(fit_x)} examples: kNN uses "
-                          f"k={k} (each train example is left out of its own vote)")
-        knn = KNNClassifier(k=k, temperature=cfg.temperature, weights=cfg.knn_weights,
-                            device=_head_device(cfg), backend=cfg.knn_backend,
-                            index=cfg.knn_index, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
-                            seed=cfg.seed)
-        # FAISS reads the features memory-mapped, chunk by chunk: no copy of train in RAM
-        mmap = cfg.knn_backend == "faiss"
-        knn.fit(run.features(FIT_SPLIT, mmap=True) if mmap else fit_x, fit_y,
-                n_classes=n_classes)
-        probs["knn"] = {}
-        for s in run.splits:  # train: leave-one-out; other splits: against all of train
-            x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
-            p, _, idx = knn.predict_proba_and_neighbors(
-                x, exclude_self=x is None, exclude_groups=groups if x is None else None)
-            probs["knn"][s], neighbors[s] = p, idx
-        # its parameters are what heads/ stores (the state is the train features + labels):
-        # a shell of the same parameters, so the normalised copy is freed before the probe fits
-        fitted["knn"] = KNNClassifier(**knn.get_params())
-        del knn
+        with times("knn"):
+            probs["knn"], neighbors, fitted["knn"] = _knn_head(run, cfg, fit_x, fit_y,
+                                                               n_classes, groups)
     if "linear" in cfg.heads:
-        dev = _head_device(cfg)  # float64 L-BFGS: on the GPU when the run has one
-        jobs = 1 if dev != "cpu" else fold_jobs(len(fit_x), fit_x.shape[1], cfg.folds)
-        oof, probe = cross_val_predict_proba(
-            LinearProbe(C=cfg.linear_c, seed=cfg.seed, device=dev), fit_x, fit_y,
-            n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes, groups=groups,
-            return_estimator=True, n_jobs=jobs)  # the folds and the full fit, `jobs` at once
-        probs["linear"] = {FIT_SPLIT: oof}
-        fitted["linear"] = probe
-        for s in others:
-            probs["linear"][s] = probe.predict_proba(run.features(s))
+        with times("linear"):
+            probs["linear"], fitted["linear"] = _linear_head(run, cfg, fit_x, fit_y,
+                                                             n_classes, groups)
     if "model" in cfg.heads and run.logits(FIT_SPLIT) is not None:
         probs["model"] = {s: softmax(run.logits(s)) for s in run.splits}
     if not probs:
         raise ConfigError(f"no head could run: heads={cfg.heads} and the model's own classifier "
                          "does not apply to this dataset; add knn or linear")
     return probs, neighbors
+
+
+def _knn_head(run: Run, cfg: RunConfig, fit_x, fit_y, n_classes: int, groups):
+    """-> ({split: probs}, {split: (N, k) train rows}, the fitted head's parameter shell)."""
+    k = min(cfg.k, len(fit_x) - 1)
+    if k < cfg.k:
+        warnings.warn(f"k={cfg.k} but the train split has {len(fit_x)} examples: kNN uses "
+                      f"k={k} (each train example is left out of its own vote)")
+    knn = KNNClassifier(k=k, temperature=cfg.temperature, weights=cfg.knn_weights,
+                        device=_head_device(cfg), backend=cfg.knn_backend,
+                        index=cfg.knn_index, nlist=cfg.knn_nlist, nprobe=cfg.knn_nprobe,
+                        seed=cfg.seed)
+    # FAISS reads the features memory-mapped, chunk by chunk: no copy of train in RAM
+    mmap = cfg.knn_backend == "faiss"
+    knn.fit(run.features(FIT_SPLIT, mmap=True) if mmap else fit_x, fit_y, n_classes=n_classes)
+    probs, rows = {}, {}
+    for s in run.splits:  # train: leave-one-out; other splits: against all of train
+        x = None if s == FIT_SPLIT else run.features(s, mmap=mmap)
+        probs[s], _, rows[s] = knn.predict_proba_and_neighbors(
+            x, exclude_self=x is None, exclude_groups=groups if x is None else None)
+    # its parameters are what heads/ stores (the state is the train features + labels):
+    # a shell of the same parameters, so the normalised copy is freed before the probe fits
+    return probs, rows, KNNClassifier(**knn.get_params())
+
+
+def _linear_head(run: Run, cfg: RunConfig, fit_x, fit_y, n_classes: int, groups):
+    """-> ({split: probs}: out-of-fold on train, the full fit's elsewhere; the full fit)."""
+    dev = _head_device(cfg)  # float64 L-BFGS: on the GPU when the run has one
+    jobs = 1 if dev != "cpu" else fold_jobs(len(fit_x), fit_x.shape[1], cfg.folds)
+    oof, probe = cross_val_predict_proba(
+        LinearProbe(C=cfg.linear_c, seed=cfg.seed, device=dev), fit_x, fit_y,
+        n_folds=cfg.folds, seed=cfg.seed, n_classes=n_classes, groups=groups,
+        return_estimator=True, n_jobs=jobs)  # the folds and the full fit, `jobs` at once
+    probs = {FIT_SPLIT: oof}
+    for s in run.splits:
+        if s != FIT_SPLIT:
+            probs[s] = probe.predict_proba(run.features(s))
+    return probs, probe
 
 
 def _issue_head(cfg: RunConfig, probs: dict) -> str:

@@ -37,6 +37,7 @@ from ...config import check_config, option
 from ...core.cache import key_digest, sha256_bytes_of
 from ...core.device import default_num_workers
 from ...core.io import read_json, write_json
+from ...core.timing import StepTimes
 from ...data.label_files import human_columns, read_soft_labels
 from ...rundir.layout import FIT_SPLIT, primary_head, require
 from ...rundir.run import load_run
@@ -88,16 +89,21 @@ def diagnose_run(run_dir, config: DiagnoseConfig | None = None, **options) -> di
     primary = primary_head(ex.columns)
     probs = evidence.HeadProbs(run, n_classes)
     others = evidence.other_runs(run, list(cfg.with_runs))
-    quality = _quality(run, cfg)
-    parts = [_diagnose_split(run, s, cfg, probs, primary, others, quality)
-             for s in run.splits]
+    times = StepTimes()
+    with times("image_statistics"):
+        quality = _quality(run, cfg)
+    with times("causes"):
+        parts = [_diagnose_split(run, s, cfg, probs, primary, others, quality)
+                 for s in run.splits]
     table = pd.concat(parts, ignore_index=True)
     if others:
         table = table.merge(_consensus(run, primary, others), on="id", how="left")
-    table, sliced = _slices(run, cfg, table, probs, primary, quality)
+    with times("slices"):
+        table, sliced = _slices(run, cfg, table, probs, primary, quality)
     summary = _summary(run, table, probs, cfg, primary, others, quality)
     summary["slices"] = sliced
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["seconds_by_step"] = dict(times)
     summary["options"] = _options(cfg)  # `hardprobe run` redoes diagnose with these
     (run.path / OUT_DIR).mkdir(exist_ok=True)
     write_json(run.path / OUT_DIR / "summary.json", summary)

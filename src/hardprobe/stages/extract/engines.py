@@ -143,6 +143,10 @@ class OpenVINOEngine:
     (OpenVINO would otherwise pick bf16 on CPUs with bf16 units); int8 quantises with NNCF at
     the first call, on `calibration` (normalised (B, 3, H, W) tensors), checked against fp32
     on `validation` (held-out ones, or None), and sets `int8_check` (see _quantize).
+    split_check: int8 only, the first split_check images this engine extracts also go through
+    the fp32 model, and int8_check["split"] holds the agreement on them: held-out train images
+    flatter int8 when the backbone was trained on them (99.9% there against 98.7% on the test
+    split for cifar_resnet56 on an AVX2 CPU), so the split's own figure is the one to read.
     cache_dir: OpenVINO's compiled-model cache (CACHE_DIR), or None."""
     backbone: object
     precision: str
@@ -152,7 +156,10 @@ class OpenVINOEngine:
     max_drop: float = INT8_MAX_DROP
     name: str = "openvino"
     int8_check: dict | None = None
+    split_check: int = 0
     _compiled: object = field(default=None, repr=False)
+    _reference: object = field(default=None, repr=False)  # fp32 model of the split check
+    _hits: list = field(default_factory=lambda: [0.0, 0], repr=False)  # [agreeing, seen]
 
     def __call__(self, x: torch.Tensor):
         if self._compiled is None:
@@ -160,7 +167,26 @@ class OpenVINOEngine:
         out = self._compiled(x.numpy())
         e = np.asarray(out[0], dtype=np.float32)
         lg = np.asarray(out[1], dtype=np.float32) if len(out) > 1 else None
+        if self._reference is not None and self._hits[1] < self.split_check:
+            self._check_split(x[:self.split_check - self._hits[1]].numpy(), e, lg)
         return e, lg
+
+    def _check_split(self, x: np.ndarray, e: np.ndarray, lg) -> None:
+        """Agreement of this batch's first len(x) int8 outputs with fp32's, added to
+        int8_check["split"]; top-1 with a head, else the embeddings' mean cosine."""
+        ref = self._reference(x)
+        n = len(x)
+        if lg is not None:
+            hit = float((lg[:n].argmax(1) == np.asarray(ref[1]).argmax(1)).sum())
+        else:
+            r = np.asarray(ref[0])
+            hit = float((np.sum(e[:n] * r, 1) / np.maximum(np.linalg.norm(e[:n], axis=1)
+                                                           * np.linalg.norm(r, axis=1),
+                                                           1e-12)).sum())
+        self._hits = [self._hits[0] + hit, self._hits[1] + n]
+        metric = "top1_agreement" if lg is not None else "embedding_cosine"
+        self.int8_check = {**(self.int8_check or {}), "split": {
+            metric: round(self._hits[0] / self._hits[1], 6), "images": self._hits[1]}}
 
     def _compile(self, x: torch.Tensor):
         import openvino as ov
@@ -174,7 +200,10 @@ class OpenVINOEngine:
                               f"({type(e).__name__}: {str(e).strip()[:300]}); run it with "
                               f"--engine torch") from e
         if self.precision == "int8":
+            if self.split_check > 0:
+                self._reference = _compile_f32(ov_model)  # before quantisation: fp32
             ov_model, self.int8_check = self._int8(ov_model)
+            self.int8_check = dict(self.int8_check)  # this split's copy: "split" is added
         core = ov.Core()
         if self.cache_dir:
             core.set_property({"CACHE_DIR": str(self.cache_dir)})
@@ -276,9 +305,11 @@ def _keep_float(ov_model) -> list[str]:
 
 def make_engine(backbone, device: torch.device, *, engine: str = "torch",
                 precision: str = "fp32", calibration=None, cache_dir=None,
-                compile: bool = False, validation=None, max_drop: float = INT8_MAX_DROP):
+                compile: bool = False, validation=None, max_drop: float = INT8_MAX_DROP,
+                split_check: int = 0):
     """The engine that extract uses; see the module docstring for the rules of auto.
-    compile applies to the torch engine; with openvino it is ignored, with a warning."""
+    compile applies to the torch engine; with openvino it is ignored, with a warning.
+    split_check: see OpenVINOEngine (int8 only)."""
     name, reason = resolve_engine(engine, device, precision)
     log.info("extract engine: %s (%s), precision %s%s", name, reason, precision,
              ", torch.compile" if compile and name == "torch" else "")
@@ -287,4 +318,5 @@ def make_engine(backbone, device: torch.device, *, engine: str = "torch",
     if compile:
         warnings.warn(f"--compile applies to the torch engine; the {name} engine compiles "
                       f"its own model, so --compile is ignored", RuntimeWarning, stacklevel=2)
-    return OpenVINOEngine(backbone, precision, calibration, cache_dir, validation, max_drop)
+    return OpenVINOEngine(backbone, precision, calibration, cache_dir, validation, max_drop,
+                          split_check=split_check if precision == "int8" else 0)
