@@ -110,8 +110,8 @@ def report(args, n_images: int, loop: float, roof_v: float, secs: dict) -> dict:
     print(f"\nwhole run / plain loop = {run_ips / loop:.2f} (higher = faster); whole run / roof = "
           f"{run_ips / roof_v:.2f}; outside extraction: {outside / total:.1%} of the run "
           f"(target <= 25%)")
-    return {"machine": machine(), "device": device_name(args.device), "model": args.model, "train": args.train, "test": args.test,
-            "batch_size": args.batch_size, "precision": args.precision, "engine": args.engine,
+    return {"machine": machine(), "device": device_name(args.device), "model": args.model,
+            "train": args.train, "test": args.test, "batch_size": args.batch_size, "precision": args.precision, "engine": args.engine,
             "plain_loop_img_s": loop, "roof_img_s": roof_v, "run_img_s": run_ips,
             "stage_seconds": secs, "outside_extraction_share": outside / total}
 

@@ -206,18 +206,19 @@ def phase_end_to_end(plan: dict, dev: torch.device, images: Path) -> dict:
                "--random-init", "--data", "imagefolder", "--train", str(root / "images/train"),
                "--test", str(root / "images/test"), "--out", str(root / "run"), "--cache-dir",
                str(root / "cache"), "--device", str(dev), "--batch-size", str(plan["batch"]),
-               "--no-progress"]
+               "--image-size", str(plan["size"]), "--no-progress"]
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True)
         seconds = time.perf_counter() - t0
         prov = json.loads((root / "run" / "provenance.json").read_text())
-    return {"model": plan["model"], "images": n, "seconds": seconds, "images_per_s": n / seconds,
+    return {"model": plan["model"], "input": plan["size"], "images": n, "seconds": seconds,
+            "images_per_s": n / seconds,
             "command": " ".join(cmd[1:]), "under_60s_for_60000": seconds * 60_000 / n < 60,
             "provenance_features": prov.get("features")}
 
 
 def line_end_to_end(r: dict) -> str:
-    return (f"end_to_end hardprobe extract {r['model']}, {r['images']:,} JPEGs: "
+    return (f"end_to_end hardprobe extract {r['model']}@{r['input']}, {r['images']:,} JPEGs: "
             f"{r['seconds']:.1f} s wall ({r['images_per_s']:,.0f} img/s) -> "
             f"{'under' if r['under_60s_for_60000'] else 'OVER'} 60 s for 60,000")
 

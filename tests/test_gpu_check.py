@@ -80,3 +80,29 @@ def test_failing_phase_is_reported_and_others_still_run(tmp_path, monkeypatch, c
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["errors"] == {"extraction": "RuntimeError: no kernel image"}
     assert r["knn"] == knn and r["gradcam"] == cam and r["quick"] is True
+
+
+def test_end_to_end_phase_times_the_cli_on_the_given_images(tmp_path):
+    # --images DIR: train.tar.gz / test.tar.gz of ImageFolder trees, unpacked before the
+    # clock starts, then `python -m hardprobe extract` of both splits in a child process
+    import tarfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("test", 4)):
+        for i in range(n):
+            d = tmp_path / "trees" / split / f"c{i % 2}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{i}.jpg")
+        with tarfile.open(tmp_path / f"{split}.tar.gz", "w:gz") as t:
+            t.add(tmp_path / "trees" / split, arcname=split)
+    mod = _load()
+    r = mod.phase_end_to_end(mod.PLANS["quick"], torch.device("cpu"), tmp_path)
+    assert r["images"] == 12 and _positive(r["seconds"])
+    assert r["images_per_s"] == pytest.approx(12 / r["seconds"])
+    assert r["under_60s_for_60000"] == (r["seconds"] * 5000 < 60)
+    assert {s: f["key"]["n"] for s, f in r["provenance_features"].items()} == {"train": 8,
+                                                                                "test": 4}
+    assert mod.line_end_to_end(r).startswith("end_to_end hardprobe extract resnet50@64, 12 JPEGs")
