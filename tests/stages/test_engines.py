@@ -83,6 +83,7 @@ def test_cache_key_separates_engines_and_precisions(tiny_backbone, tiny_folder, 
     assert int8["calibration"] == data.splits["train"].manifest_digest
     assert (int8["max_drop"], int8["n"], int8["check"]) == (engines.INT8_MAX_DROP, 300, 1024)
     assert int8["nncf"] == engines.nncf_version()
+    assert int8["overflow_fix"] == engines.int8_overflow_fix()  # it follows the CPU
     other = feature_key(tiny_backbone, split, precision="int8", with_logits=True,
                         engine=keys["openvino", "int8"].key["engine"],
                         int8=int8_recipe(split, 0.0))  # calibrated on another split, stricter
@@ -152,6 +153,8 @@ def test_int8_calibrates_on_every_image_and_checks_on_held_out_ones(monkeypatch,
     e, lg = run(check[0])
     assert (seen["fit"], seen["subset_size"], seen["check"]) == (4, 29, 2)
     assert seen["max_drop"] == engines.INT8_MAX_DROP
+    fix = seen["advanced_quantization_parameters"].overflow_fix
+    assert fix.value == engines.int8_overflow_fix()  # 7-bit weights without an int8 dot
     assert e.shape == (6, tiny_backbone.embed_dim) and np.isfinite(e).all()
     # the check is the share of the 12 held-out images whose int8 top-1 is fp32's
     ref = np.concatenate([tiny_backbone(b)[1].detach().numpy().argmax(1) for b in check])
@@ -163,6 +166,15 @@ def test_int8_calibrates_on_every_image_and_checks_on_held_out_ones(monkeypatch,
     seen.clear()
     again(check[0])
     assert seen == {} and again.int8_check == run.int8_check  # quantised once, not per split
+
+
+@pytest.mark.parametrize("flags,fix", [({"avx2"}, "enable"), ({"avx2", "avx_vnni"},
+                                       "first_layer_only"), ({"avx512_vnni"}, "first_layer_only"),
+                                       ({"amx_int8"}, "first_layer_only"), (set(), "enable")])
+def test_overflow_fix_follows_the_cpus_int8_dot_product(monkeypatch, flags, fix):
+    from hardprobe.core import device
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    assert engines.int8_overflow_fix() == fix
 
 
 @needs_ov

@@ -50,14 +50,25 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 def cpu_has_bf16_units() -> bool:
     """AMX-BF16 or AVX512-BF16 in /proc/cpuinfo (Linux); False where it cannot be read."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def cpu_has_int8_dot() -> bool:
+    """An int8 dot-product instruction (AVX512-VNNI, AVX-VNNI or AMX-INT8) in /proc/cpuinfo;
+    without one, int8 products go through 16-bit sums that can saturate."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def cpu_flags() -> set[str]:
+    """The first CPU's flags in /proc/cpuinfo (Linux); empty where it cannot be read."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return bool({"amx_bf16", "avx512_bf16"} & set(line.split(":", 1)[1].split()))
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return False
+    return set()
 
 
 def default_num_workers(ctx: distributed.Context = distributed.SINGLE) -> int:

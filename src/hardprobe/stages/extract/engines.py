@@ -154,6 +154,7 @@ class OpenVINOEngine:
     cache_dir: str | None = None
     validation: object = None
     max_drop: float = INT8_MAX_DROP
+    overflow_fix: str = "first_layer_only"  # see int8_overflow_fix
     name: str = "openvino"
     int8_check: dict | None = None
     split_check: int = 0
@@ -214,25 +215,37 @@ class OpenVINOEngine:
         """The int8 model and its check, quantised once per (weights, images) in a process:
         a run's train and test splits share it."""
         h = hashlib.sha256(f"{self.backbone.name}|{self.backbone.weights_id}|"
-                           f"{self.max_drop}".encode())
+                           f"{self.max_drop}|{self.overflow_fix}".encode())
         for b in [*(self.calibration or []), None, *(self.validation or [])]:
             h.update(b"|" if b is None else b.numpy().tobytes())
         key = h.hexdigest()
         if key not in _QUANTIZED:
             _QUANTIZED.clear()  # one model held at a time
             _QUANTIZED[key] = _quantize(ov_model, self.calibration, self.validation,
-                                        self.max_drop)
+                                        self.max_drop, self.overflow_fix)
         return _QUANTIZED[key]
 
 
-def _quantize(ov_model, calibration, validation, max_drop: float = INT8_MAX_DROP):
+def int8_overflow_fix() -> str:
+    """NNCF's overflow_fix for this CPU: "enable" (7-bit weights in every layer) where it has
+    no int8 dot product, so no 16-bit sum saturates; else NNCF's default, "first_layer_only".
+    Measured (cifar_resnet56, 10,000 test images, AVX2-only Zen 3): top-1 agreement with fp32
+    98.70% -> 98.99%, on the same calibration and accuracy control."""
+    from ...core.device import cpu_has_int8_dot
+    return "first_layer_only" if cpu_has_int8_dot() else "enable"
+
+
+def _quantize(ov_model, calibration, validation, max_drop: float = INT8_MAX_DROP,
+              overflow_fix: str = "first_layer_only"):
     """NNCF int8 of ov_model, fitted on `calibration` (normalised batches), with the layers
     that cost most agreement with fp32 on `validation` (held-out batches; calibration when
     None) put back in float until that agreement is within max_drop of 100%
     (nncf.quantize_with_accuracy_control, with fp32's own outputs as the labels). Mixed preset,
     full bias correction, the first convolution, the classifier and the residual adds in
-    float. The measured agreement is logged and kept in `int8_check`."""
+    float; overflow_fix: see int8_overflow_fix. The measured agreement is logged and kept in
+    `int8_check`."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
     fit = [b.numpy() for b in calibration]
     held_out = validation is not None and len(validation) > 0
     items = _reference_outputs(ov_model, [b.numpy() for b in (validation if held_out else
@@ -246,7 +259,9 @@ def _quantize(ov_model, calibration, validation, max_drop: float = INT8_MAX_DROP
         ov_model, nncf.Dataset(fit), nncf.Dataset(items, lambda item: item[0]),
         validation_fn=_agreement, max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
         subset_size=n, preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=False,
-        ignored_scope=nncf.IgnoredScope(names=_keep_float(ov_model), types=["Add"]))
+        ignored_scope=nncf.IgnoredScope(names=_keep_float(ov_model), types=["Add"]),
+        advanced_quantization_parameters=AdvancedQuantizationParameters(
+            overflow_fix=OverflowFix(overflow_fix)))
     return q, _check(q, items, held_out)
 
 
@@ -306,10 +321,11 @@ def _keep_float(ov_model) -> list[str]:
 def make_engine(backbone, device: torch.device, *, engine: str = "torch",
                 precision: str = "fp32", calibration=None, cache_dir=None,
                 compile: bool = False, validation=None, max_drop: float = INT8_MAX_DROP,
-                split_check: int = 0):
+                split_check: int = 0, overflow_fix: str | None = None):
     """The engine that extract uses; see the module docstring for the rules of auto.
     compile applies to the torch engine; with openvino it is ignored, with a warning.
-    split_check: see OpenVINOEngine (int8 only)."""
+    split_check: see OpenVINOEngine (int8 only); overflow_fix: NNCF's, None = this CPU's
+    (int8_overflow_fix)."""
     name, reason = resolve_engine(engine, device, precision)
     log.info("extract engine: %s (%s), precision %s%s", name, reason, precision,
              ", torch.compile" if compile and name == "torch" else "")
@@ -319,4 +335,5 @@ def make_engine(backbone, device: torch.device, *, engine: str = "torch",
         warnings.warn(f"--compile applies to the torch engine; the {name} engine compiles "
                       f"its own model, so --compile is ignored", RuntimeWarning, stacklevel=2)
     return OpenVINOEngine(backbone, precision, calibration, cache_dir, validation, max_drop,
+                          overflow_fix=overflow_fix or int8_overflow_fix(),
                           split_check=split_check if precision == "int8" else 0)

@@ -22,7 +22,14 @@ from ...core.device import default_num_workers, resolve_device, resolve_precisio
 from ...core.io import atomic_write_text
 from ...data.datasets import Split, SplitDataset, collate_ragged, collate_skipping
 from ...errors import ConfigError, NonFiniteFeaturesError
-from .engines import INT8_MAX_DROP, engine_tag, make_engine, nncf_version, resolve_engine
+from .engines import (
+    INT8_MAX_DROP,
+    engine_tag,
+    int8_overflow_fix,
+    make_engine,
+    nncf_version,
+    resolve_engine,
+)
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +179,7 @@ def _compute(backbone, split, entry, shard_size, shards, *, dev, precision, with
                          cache_dir=entry.dir.parents[1] / "openvino"
                          if engine == "openvino" else None, compile=compile, validation=check,
                          max_drop=(int8 or {}).get("max_drop", INT8_MAX_DROP),
+                         overflow_fix=(int8 or {}).get("overflow_fix"),
                          split_check=INT8_SPLIT_CHECK if precision == "int8"
                          and calibration is not None
                          and calibration.manifest_digest != split.manifest_digest else 0)
@@ -203,7 +211,8 @@ def _layout(entry: CacheEntry, shard_size: int) -> int:
 
 def int8_recipe(calibration: Split | None, max_drop: float) -> dict:
     """What int8 features depend on beyond the backbone: the calibration split's images, how
-    many calibrate and check, the agreement allowed, and the NNCF version (the cache key)."""
+    many calibrate and check, the agreement allowed, NNCF's overflow fix (it follows the CPU:
+    int8_overflow_fix) and the NNCF version (the cache key)."""
     if not 0.0 <= max_drop < 1.0:
         raise ConfigError(f"int8_max_drop must be in [0, 1), not {max_drop!r} (a share of "
                           f"top-1 agreement: 0.001 is 0.1 point)")
@@ -211,7 +220,8 @@ def int8_recipe(calibration: Split | None, max_drop: float) -> dict:
         raise ConfigError("--precision int8 needs calibration images from the train split; "
                           "this dataset has none")
     return {"calibration": calibration.manifest_digest, "n": INT8_CALIBRATION,
-            "check": INT8_CHECK, "max_drop": float(max_drop), "nncf": nncf_version()}
+            "check": INT8_CHECK, "max_drop": float(max_drop),
+            "overflow_fix": int8_overflow_fix(), "nncf": nncf_version()}
 
 
 def calibration_batches(backbone, split: Split | None, batch_size: int,
