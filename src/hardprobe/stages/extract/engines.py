@@ -177,13 +177,8 @@ class OpenVINOEngine:
         int8_check["split"]; top-1 with a head, else the embeddings' mean cosine."""
         ref = self._reference(x)
         n = len(x)
-        if lg is not None:
-            hit = float((lg[:n].argmax(1) == np.asarray(ref[1]).argmax(1)).sum())
-        else:
-            r = np.asarray(ref[0])
-            hit = float((np.sum(e[:n] * r, 1) / np.maximum(np.linalg.norm(e[:n], axis=1)
-                                                           * np.linalg.norm(r, axis=1),
-                                                           1e-12)).sum())
+        top1 = None if lg is None else np.asarray(ref[1]).argmax(1)
+        hit = _agreeing(e[:n], None if lg is None else lg[:n], np.asarray(ref[0]), top1)
         self._hits = [self._hits[0] + hit, self._hits[1] + n]
         metric = "top1_agreement" if lg is not None else "embedding_cosine"
         self.int8_check = {**(self.int8_check or {}), "split": {
@@ -288,14 +283,19 @@ def _agreement(compiled, items) -> float:
     hits = total = 0.0
     for x, e_ref, top1 in items:
         r = compiled(x)
-        if top1 is not None:
-            hits += float((np.asarray(r[1]).argmax(1) == top1).sum())
-        else:
-            e = np.asarray(r[0])
-            hits += float((np.sum(e * e_ref, 1) / np.maximum(
-                np.linalg.norm(e, axis=1) * np.linalg.norm(e_ref, axis=1), 1e-12)).sum())
+        hits += _agreeing(r[0], r[1] if len(r) > 1 else None, e_ref, top1)
         total += len(x)
     return hits / total
+
+
+def _agreeing(e, logits, e_ref, top1_ref) -> float:
+    """A batch's summed agreement with fp32: equal top-1s when fp32's top-1 is given, else
+    the cosines of the embeddings (B, D) with fp32's."""
+    if top1_ref is not None:
+        return float((np.asarray(logits).argmax(1) == top1_ref).sum())
+    e = np.asarray(e)
+    return float((np.sum(e * e_ref, 1) / np.maximum(
+        np.linalg.norm(e, axis=1) * np.linalg.norm(e_ref, axis=1), 1e-12)).sum())
 
 
 def _check(q, items, held_out: bool) -> dict:
